@@ -1,0 +1,74 @@
+# rmiot — every target does its own set-up, idempotently, and is quick when
+# everything is already there. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXT    := core_ext/_frame$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+PROTOS := $(wildcard proto/*.proto)
+PB2    := $(PROTOS:.proto=_pb2.py)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-fuzz clean
+
+help:
+	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
+	@echo "make test   - install what is missing, lint, type-check, run the whole test suite"
+	@echo "make bench  - every benchmark (bench-decode, bench-fuzz, ...)"
+
+## set-up ---------------------------------------------------------------------
+
+setup: system venv $(EXT) $(PB2)
+
+system:
+	@bash deploy/setup-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q -U pip setuptools wheel 'Cython>=3.0,<4'
+	@RMIOT_NO_EXT=$(if $(wildcard core_ext/_frame.pyx),0,1) \
+	  $(BIN)/python -m pip install -q --no-build-isolation -e '.[dev]'
+	@touch $@
+
+# The compiled twin, rebuilt when its sources change.
+$(EXT): $(wildcard core_ext/*.pyx core_ext/*.pxd) setup.py | $(VENV)/.installed
+	@if [ -f core_ext/_frame.pyx ]; then $(BIN)/python setup.py -q build_ext --inplace; fi
+
+# gRPC stubs: generated through the rmiot/proto symlink so imports read rmiot.proto.*
+proto/%_pb2.py: proto/%.proto | $(VENV)/.installed
+	@$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	  --mypy_out=quiet:. rmiot/$<
+
+## the two commands -------------------------------------------------------------
+
+run: setup
+	@$(BIN)/rmiot run
+
+test: setup lint typecheck pytest
+
+lint: setup
+	@$(BIN)/ruff check .
+	@if ls core_ext/*.pyx >/dev/null 2>&1; then $(BIN)/cython-lint --max-line-length 100 core_ext/*.pyx; fi
+
+typecheck: setup
+	@$(BIN)/mypy
+
+pytest: setup
+	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## benchmarks -------------------------------------------------------------------
+
+bench: bench-decode bench-fuzz
+
+bench-decode: setup
+	@$(BIN)/python benches/bench_decode.py
+
+bench-fuzz: setup
+	@$(BIN)/python benches/bench_fuzz.py
+
+clean:
+	rm -rf build core_ext/*.so core_ext/*.c proto/*_pb2*.py proto/*_pb2.pyi $(VENV)/.installed

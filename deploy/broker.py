@@ -1,0 +1,112 @@
+"""The private Mosquitto broker: ``rmiot broker start|stop|status``.
+
+State under ``<data_dir>/broker``: ``mosquitto.conf`` (rewritten from
+deploy/mosquitto.conf at every start), ``mosquitto.pid`` and ``mosquitto.log``.
+The broker runs detached from the command that starts it, so ``rmiot run`` and
+the test fixtures can share it; under root it drops to the ``mosquitto`` user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rmiot.config import Config
+from rmiot.deploy import localstate
+
+log = logging.getLogger("rmiot.broker")
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+TEMPLATE = Path(__file__).with_name("mosquitto.conf")
+
+
+class BrokerError(Exception):
+    pass
+
+
+def endpoint(cfg: Config) -> tuple[str, int]:
+    """host, port of the broker the platform uses (private or ``broker.url``)."""
+    if cfg.broker.url:
+        parts = urlsplit(cfg.broker.url)
+        default = 8883 if parts.scheme == "mqtts" else 1883
+        return parts.hostname or "localhost", parts.port or default
+    return cfg.broker.host, cfg.broker.port
+
+
+@dataclass
+class Broker:
+    cfg: Config
+
+    @property
+    def root(self) -> Path:
+        return self.cfg.data_dir / "broker"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "mosquitto.pid"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"mosquitto" not in cmdline.read_bytes():
+            return None
+        return pid
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self) -> bool:
+        """Start the private broker; True when started now, False if already running."""
+        if self.cfg.broker.url:
+            raise BrokerError("broker.url is set: the platform uses that broker")
+        if self.running():
+            return False
+        if not MOSQUITTO.exists():
+            raise BrokerError("mosquitto is not installed: run deploy/setup-system.sh "
+                              "(make run / make test do)")
+        host, port = self.cfg.broker.host, self.cfg.broker.port
+        if localstate.port_open(host, port):
+            raise BrokerError(f"cannot start the broker: {host}:{port} is already in use "
+                              "(set broker.port or RMIOT_BROKER_PORT)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        conf = self.root / "mosquitto.conf"
+        conf.write_text(TEMPLATE.read_text().format(host=host, port=port))
+        with (self.root / "mosquitto.log").open("ab") as logfh:
+            proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                    stdout=logfh, stderr=logfh, start_new_session=True)
+        self.pidfile.write_text(f"{proc.pid}\n")
+        if not localstate.wait_port(host, port, 10.0):
+            proc.kill()
+            tail = (self.root / "mosquitto.log").read_text(errors="replace").splitlines()[-5:]
+            raise BrokerError("the broker did not start:\n  " + "\n  ".join(tail))
+        log.info("broker started", extra={"port": port})
+        return True
+
+    def stop(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.running():
+            time.sleep(0.05)
+        if self.running():
+            os.kill(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+        log.info("broker stopped")
+        return True

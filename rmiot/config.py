@@ -1,0 +1,289 @@
+"""Configuration: one TOML file plus ``RMIOT_*`` environment overrides.
+
+The file is optional; every key has a default, documented in
+``deploy/rmiot.example.toml``. Which file is read: ``--config PATH``, else
+``$RMIOT_CONFIG``, else ``rmiot.toml`` in the working directory if present.
+
+Environment overrides are ``RMIOT_<SECTION>_<KEY>`` (``RMIOT_GRPC_PORT=6000``),
+plus two short forms: ``RMIOT_DSN`` (``database.dsn``, an external TimescaleDB)
+and ``RMIOT_MQTT_URL`` (``broker.url``, an external broker).
+
+Every mistake — an unknown section or key, a value of the wrong type or out of
+range — raises :class:`ConfigError` whose message names the key and where the
+value came from; start-up prints that one line and exits, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    role: str = "region"
+    name: str = "rmiot"
+    data_dir: str = ".var"
+
+    def check(self) -> None:
+        _one_of("platform.role", self.role, ("region", "hospital"))
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str = ""
+    admin_dsn: str = ""
+    host: str = "127.0.0.1"
+    port: int = 54329
+    name: str = "rmiot"
+    pool_min: int = 2
+    pool_max: int = 16
+    connect_timeout_s: float = 5.0
+    shared_buffers: str = "2GB"
+
+    def check(self) -> None:
+        _port("database.port", self.port)
+        _at_least("database.pool_min", self.pool_min, 0)
+        _at_least("database.pool_max", self.pool_max, max(1, self.pool_min))
+        _at_least("database.connect_timeout_s", self.connect_timeout_s, 0.1)
+
+    @property
+    def private(self) -> bool:
+        """True when the platform runs its own cluster under ``data_dir``."""
+        return not self.dsn
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 18830
+
+    def check(self) -> None:
+        _port("broker.port", self.port)
+        if self.url and not self.url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError(f"broker.url must start with mqtt:// or mqtts://, got {self.url!r}")
+
+    @property
+    def private(self) -> bool:
+        return not self.url
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tls: bool = True
+    max_workers: int = 16
+
+    def check(self) -> None:
+        _port("grpc.port", self.port)
+        _at_least("grpc.max_workers", self.max_workers, 1)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 7700
+    writers: int = 2
+    batch_max_rows: int = 4000
+    batch_max_ms: int = 20
+    max_connections: int = 20000
+    idle_timeout_s: float = 300.0
+    partial_frame_timeout_s: float = 5.0
+    past_window_s: int = 7 * 24 * 3600
+    future_window_s: int = 300
+
+    def check(self) -> None:
+        _port("ingest.tcp_port", self.tcp_port)
+        _at_least("ingest.writers", self.writers, 1)
+        _at_least("ingest.batch_max_rows", self.batch_max_rows, 1)
+        _at_least("ingest.batch_max_ms", self.batch_max_ms, 1)
+        _at_least("ingest.max_connections", self.max_connections, 1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+    def check(self) -> None:
+        _one_of("log.level", self.level, ("debug", "info", "warning", "error"))
+        _one_of("log.format", self.format, ("auto", "json", "text"))
+
+
+@dataclass(frozen=True)
+class Config:
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "defaults"
+
+    @property
+    def data_dir(self) -> Path:
+        """Local state (cluster, broker, certificates); relative paths are
+        taken from the repository root so every command agrees on it."""
+        path = Path(self.platform.data_dir)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    def tls_path(self, key: str) -> Path:
+        """The configured TLS file, or the dev CA's file under ``data_dir``."""
+        value = getattr(self.tls, key)
+        if value:
+            return Path(value)
+        default = {"ca_file": "ca.crt", "cert_file": "server.crt", "key_file": "server.key"}
+        return self.data_dir / "certs" / default[key]
+
+
+SHORT_ENV = {"RMIOT_DSN": ("database", "dsn"), "RMIOT_MQTT_URL": ("broker", "url")}
+# RMIOT_* variables that are not configuration keys (they steer tools, not the platform).
+OTHER_ENV = {"RMIOT_CONFIG", "RMIOT_PURE", "RMIOT_NO_EXT", "RMIOT_SPEC_DIR",
+             "RMIOT_HYPOTHESIS_PROFILE", "RMIOT_TEST_KEEP"}
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read the file (if any), apply environment overrides, validate."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, dict[str, tuple[Any, str]]] = {}
+    source = "defaults"
+    chosen = path or env.get("RMIOT_CONFIG")
+    if chosen is None and Path("rmiot.toml").is_file():
+        chosen = "rmiot.toml"
+    if chosen:
+        source = str(chosen)
+        for section, values in _read_toml(Path(chosen)).items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section!r} in {source} must be a [section] table")
+            for key, value in values.items():
+                raw.setdefault(section, {})[key] = (value, source)
+    for name, value in env.items():
+        where = _env_target(name)
+        if where is not None:
+            raw.setdefault(where[0], {})[where[1]] = (value, f"environment {name}")
+    return _build(raw, source)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _env_target(name: str) -> tuple[str, str] | None:
+    if name in SHORT_ENV:
+        return SHORT_ENV[name]
+    if not name.startswith("RMIOT_") or name in OTHER_ENV:
+        return None
+    rest = name[len("RMIOT_"):].lower()
+    for section in _sections():
+        if rest.startswith(section + "_"):
+            return section, rest[len(section) + 1:]
+    raise ConfigError(f"environment variable {name} names no configuration key "
+                      f"(sections: {', '.join(_sections())})")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _build(raw: dict[str, dict[str, tuple[Any, str]]], source: str) -> Config:
+    sections = _sections()
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            where = next(iter(values.values()))[1]
+            raise ConfigError(f"unknown configuration section [{section}] in {where} "
+                              f"(known: {', '.join(sections)})")
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, (value, where) in raw.get(section, {}).items():
+            if key not in known:
+                raise ConfigError(f"unknown configuration key {section}.{key} in {where} "
+                                  f"(known in [{section}]: {', '.join(sorted(known))})")
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key], where)
+        obj = cls(**kwargs)
+        obj.check()
+        built[section] = obj
+    return Config(**built, source=source)
+
+
+def _coerce(key: str, value: Any, kind: Any, where: str) -> Any:
+    from_env = where.startswith("environment")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"configuration key {key} must be true or false, got {value!r} ({where})")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"configuration key {key} must be an integer, got {value!r} ({where})")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"configuration key {key} must be a number, got {value!r} ({where})")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"configuration key {key} must be a string, got {value!r} ({where})")
+    raise ConfigError(f"configuration key {key}: unsupported type {kind}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"configuration key {key} must be one of {', '.join(allowed)}, "
+                          f"got {value!r}")
+
+
+def _port(key: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"configuration key {key} must be a port number 1-65535, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"configuration key {key} must be at least {low}, got {value}")

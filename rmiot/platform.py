@@ -1,0 +1,103 @@
+"""``rmiot run``: the platform in one process.
+
+``prepare`` brings up what the platform stands on — the private TimescaleDB
+cluster (unless ``database.dsn``), the schema, the private broker (unless
+``broker.url``) and the dev certificates — and remembers what it started, so
+that stopping the platform stops exactly those. ``Platform`` starts the
+services of the configured role and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from rmiot import db
+from rmiot.config import Config
+from rmiot.deploy import broker, certs, cluster, migrate
+from rmiot.grpc_server import GrpcServer
+
+log = logging.getLogger("rmiot.platform")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    address: str
+    detail: str = ""
+
+
+@dataclass
+class Infrastructure:
+    cfg: Config
+    started_cluster: bool = False
+    started_broker: bool = False
+
+    def up(self) -> None:
+        """Start what is private and missing, migrate, make dev certificates."""
+        if self.cfg.database.private:
+            self.started_cluster = cluster.Cluster(self.cfg).start()
+        cluster.check_reachable(db.admin_dsn(self.cfg))
+        migrate.migrate(db.admin_dsn(self.cfg))
+        if self.cfg.broker.private:
+            self.started_broker = broker.Broker(self.cfg).start()
+        if self.cfg.grpc.tls and not self.cfg.tls.cert_file:
+            certs.ensure_dev_ca(self.cfg.data_dir / "certs")
+
+    def down(self) -> None:
+        if self.started_broker:
+            broker.Broker(self.cfg).stop()
+        if self.started_cluster:
+            cluster.Cluster(self.cfg).stop()
+
+    def endpoints(self) -> list[Endpoint]:
+        found = [Endpoint("database", db.describe(db.app_dsn(self.cfg)),
+                          "private cluster" if self.cfg.database.private else "external")]
+        host, port = broker.endpoint(self.cfg)
+        found.append(Endpoint("mqtt broker", f"mqtt://{host}:{port}",
+                              "private" if self.cfg.broker.private else "external"))
+        return found
+
+
+@dataclass
+class Platform:
+    cfg: Config
+    grpc: GrpcServer | None = None
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    async def start(self) -> list[Endpoint]:
+        cluster.check_reachable(db.app_dsn(self.cfg))
+        self.grpc = GrpcServer(self.cfg)
+        port = await self.grpc.start()
+        scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
+        self.endpoints = [Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
+                                   "health, reflection")]
+        log.info("platform started", extra={"role": self.cfg.platform.role})
+        return self.endpoints
+
+    async def stop(self) -> None:
+        if self.grpc:
+            await self.grpc.stop()
+        log.info("platform stopped")
+
+
+async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True) -> None:
+    """Run the platform until SIGINT or SIGTERM."""
+    platform = Platform(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        endpoints = infra.endpoints() + await platform.start()
+        if on_ready:
+            width = max(len(e.name) for e in endpoints)
+            print(f"rmiot {cfg.platform.role} platform is up:", flush=True)
+            for e in endpoints:
+                print(f"  {e.name:<{width}}  {e.address}  {e.detail}".rstrip(), flush=True)
+            print("Ctrl-C stops everything.", flush=True)
+        await stop.wait()
+    finally:
+        await platform.stop()

@@ -1,0 +1,71 @@
+"""``rmiot status``: is each part of the platform reachable and healthy?
+
+Checks, from the configuration alone (no running process is asked where it is):
+the database (reachable, TimescaleDB extension, schema version), the MQTT
+broker (a real MQTT CONNECT), and every gRPC server (the standard health check
+over TLS). Exit code 0 when all pass, 3 when any fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiomqtt
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rmiot import db
+from rmiot.config import Config
+from rmiot.deploy import broker, cluster, migrate
+from rmiot.grpc_server import channel
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(cfg: Config) -> Check:
+    dsn = db.app_dsn(cfg)
+    try:
+        version = cluster.timescaledb_version(dsn)
+        schema = migrate.current_version(dsn)
+    except db.DatabaseUnreachable as exc:
+        return Check("database", False, str(exc))
+    if version is None:
+        return Check("database", False, f"{db.describe(dsn)}: TimescaleDB extension missing "
+                                        "(run rmiot db migrate)")
+    return Check("database", True, f"{db.describe(dsn)} TimescaleDB {version}, schema v{schema}")
+
+
+async def check_broker(cfg: Config) -> Check:
+    host, port = broker.endpoint(cfg)
+    try:
+        async with aiomqtt.Client(host, port, timeout=3, identifier="rmiot-status"):
+            pass
+    except (aiomqtt.MqttError, OSError) as exc:
+        return Check("mqtt broker", False, f"mqtt://{host}:{port}: {exc}")
+    return Check("mqtt broker", True, f"mqtt://{host}:{port} accepts connections")
+
+
+async def check_grpc(cfg: Config) -> Check:
+    target = f"{cfg.grpc.host}:{cfg.grpc.port}"
+    try:
+        async with channel(cfg) as chan:
+            stub = health_pb2_grpc.HealthStub(chan)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+    except (grpc.RpcError, OSError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        return Check("grpc api", False, f"{target}: {detail}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return Check("grpc api", reply.status == health_pb2.HealthCheckResponse.SERVING,
+                 f"{target} {status}")
+
+
+async def run_checks(cfg: Config) -> list[Check]:
+    database = await asyncio.to_thread(check_database, cfg)
+    rest = await asyncio.gather(check_broker(cfg), check_grpc(cfg))
+    return [database, *rest]

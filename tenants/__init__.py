@@ -1,0 +1,2 @@
+"""Tenants: the tree region > district > hospital > department, with per-tenant
+settings (enabled, quotas, retention, late-arrival window, HMAC policy)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,21 @@ def endpoint(cfg: Config) -> tuple[str, int]:
         default = 8883 if parts.scheme == "mqtts" else 1883
         return parts.hostname or "localhost", parts.port or default
     return cfg.broker.host, cfg.broker.port
+
+
+def _reaped(pid: int) -> bool:
+    """True once the process is gone (reaping it if it was our child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 @dataclass
@@ -86,12 +100,16 @@ class Broker:
         self.root.mkdir(parents=True, exist_ok=True)
         conf = self.root / "mosquitto.conf"
         conf.write_text(TEMPLATE.read_text().format(host=host, port=port))
+        # Spawned detached (own session, no Popen object): it outlives this command.
         with (self.root / "mosquitto.log").open("ab") as logfh:
-            proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                    stdout=logfh, stderr=logfh, start_new_session=True)
-        self.pidfile.write_text(f"{proc.pid}\n")
+            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, logfh.fileno(), 1),
+                       (os.POSIX_SPAWN_DUP2, logfh.fileno(), 2)]
+            pid = os.posix_spawn(str(MOSQUITTO), [str(MOSQUITTO), "-c", str(conf)], os.environ,
+                                 file_actions=actions, setsid=True)
+        self.pidfile.write_text(f"{pid}\n")
         if not localstate.wait_port(host, port, 10.0):
-            proc.kill()
+            os.kill(pid, signal.SIGKILL)
             tail = (self.root / "mosquitto.log").read_text(errors="replace").splitlines()[-5:]
             raise BrokerError("the broker did not start:\n  " + "\n  ".join(tail))
         log.info("broker started", extra={"port": port})
@@ -103,9 +121,9 @@ class Broker:
             return False
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.running():
+        while time.monotonic() < deadline and not _reaped(pid):
             time.sleep(0.05)
-        if self.running():
+        if not _reaped(pid):
             os.kill(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
         log.info("broker stopped")

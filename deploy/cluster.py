@@ -47,7 +47,8 @@ class Cluster:
 
     @property
     def root(self) -> Path:
-        return self.cfg.data_dir / "pg"
+        # Resolved: the server may reach its state only by the real path.
+        return (self.cfg.data_dir / "pg").resolve()
 
     @property
     def data(self) -> Path:
@@ -110,6 +111,7 @@ class Cluster:
                        "-t", "60", "start")
         if out.returncode != 0:
             tail = self.logfile.read_text(errors="replace").strip().splitlines()[-5:]
+            tail += out.stderr.strip().splitlines()[-3:]
             raise ClusterError("the private cluster did not start:\n  " + "\n  ".join(tail))
         log.info("private cluster started", extra={"port": dbc.port, "socket": str(run)})
         self.ensure_database()

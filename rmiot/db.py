@@ -25,7 +25,9 @@ APP_ROLE = "rmiot_app"
 
 
 def socket_dir(cfg: Config) -> str:
-    return str(cfg.data_dir / "pg" / "run")
+    """The private cluster's socket directory, symlinks resolved: the server,
+    running as another user, may not be able to pass through the checkout."""
+    return str((cfg.data_dir / "pg").resolve() / "run")
 
 
 def app_dsn(cfg: Config, dbname: str | None = None) -> str:

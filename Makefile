@@ -11,12 +11,13 @@ PROTOS := $(wildcard proto/*.proto)
 PB2    := $(PROTOS:.proto=_pb2.py)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-fuzz clean
+.PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
+        bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
 	@echo "make test   - install what is missing, lint, type-check, run the whole test suite"
-	@echo "make bench  - every benchmark (bench-decode, bench-fuzz, ...)"
+	@echo "make bench  - every benchmark (bench-ingest, bench-decode, bench-fuzz)"
 
 ## set-up ---------------------------------------------------------------------
 
@@ -40,8 +41,8 @@ $(EXT): $(wildcard core_ext/*.pyx core_ext/*.pxd) setup.py | $(VENV)/.installed
 
 # gRPC stubs: generated through the rmiot/proto symlink so imports read rmiot.proto.*
 proto/%_pb2.py: proto/%.proto | $(VENV)/.installed
-	@$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
-	  --mypy_out=quiet:. rmiot/$<
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I. --python_out=. \
+	  --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet:. rmiot/$<
 
 ## the two commands -------------------------------------------------------------
 
@@ -52,7 +53,7 @@ test: setup lint typecheck pytest
 
 lint: setup
 	@$(BIN)/ruff check .
-	@if ls core_ext/*.pyx >/dev/null 2>&1; then $(BIN)/cython-lint --max-line-length 100 core_ext/*.pyx; fi
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cython-lint --max-line-length 100 core_ext/*.pyx
 
 typecheck: setup
 	@$(BIN)/mypy
@@ -62,7 +63,11 @@ pytest: setup
 
 ## benchmarks -------------------------------------------------------------------
 
-bench: bench-decode bench-fuzz
+bench: bench-ingest bench-fuzz
+
+# Issue 3's figures; the last line is one JSON object.
+bench-ingest: setup
+	@$(BIN)/python benches/bench_ingest.py
 
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py

@@ -125,6 +125,12 @@ def cmd_certs(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_frame(args: argparse.Namespace, cfg: Config) -> int:
+    from rmiot import frame_tool
+
+    return frame_tool.main(args.action, args.keys, args.stream, args.hex)
+
+
 # -- parser ------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("name", help="file name and common name, e.g. hospital-12")
     issue.add_argument("--kind", required=True, choices=["platform", "vendor", "operator"])
     issue.add_argument("--tenant", type=int, help="tenant id whose subtree the holder speaks for")
+    p = add("frame", cmd_frame, "decode or encode RMF v1 frames (a vendor's debugging tool)")
+    p.add_argument("action", choices=["decode", "encode"],
+                   help="decode: frames on stdin -> one JSON object a line; "
+                        "encode: JSON lines on stdin -> frames")
+    p.add_argument("--keys", metavar="FILE", help="JSON object of device id -> hex HMAC key")
+    p.add_argument("--stream", action="store_true",
+                   help="decode: input is a stream of frames and garbage, as on TCP")
+    p.add_argument("--hex", action="store_true", help="hex text instead of binary")
     return parser
 
 
@@ -193,7 +207,9 @@ def _known_failure(exc: Exception) -> str | None:
 
     if isinstance(exc, psycopg.Error):
         return f"database error: {str(exc).strip()}"
-    known = (db.DatabaseUnreachable, cluster.ClusterError, broker.BrokerError,
+    from rmiot.frame_tool import FrameToolError
+
+    known = (FrameToolError, db.DatabaseUnreachable, cluster.ClusterError, broker.BrokerError,
              migrate.MigrationError, certs.CertError, FileNotFoundError, PermissionError)
     return str(exc) if isinstance(exc, known) else None
 

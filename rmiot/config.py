@@ -124,6 +124,21 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    keyring_dir: str = ""
+    password_max_age_days: int = 90
+    lockout_attempts: int = 5
+    lockout_minutes: int = 30
+    session_idle_minutes: int = 15
+
+    def check(self) -> None:
+        _at_least("security.password_max_age_days", self.password_max_age_days, 1)
+        _at_least("security.lockout_attempts", self.lockout_attempts, 1)
+        _at_least("security.lockout_minutes", self.lockout_minutes, 1)
+        _at_least("security.session_idle_minutes", self.session_idle_minutes, 1)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -141,6 +156,7 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -150,6 +166,13 @@ class Config:
         taken from the repository root so every command agrees on it."""
         path = Path(self.platform.data_dir)
         return path if path.is_absolute() else REPO_ROOT / path
+
+    @property
+    def keyring_dir(self) -> Path:
+        """Key-encryption keys (SM4) for secrets at rest."""
+        if self.security.keyring_dir:
+            return Path(self.security.keyring_dir)
+        return self.data_dir / "keys"
 
     def tls_path(self, key: str) -> Path:
         """The configured TLS file, or the dev CA's file under ``data_dir``."""
@@ -163,7 +186,7 @@ class Config:
 SHORT_ENV = {"RMIOT_DSN": ("database", "dsn"), "RMIOT_MQTT_URL": ("broker", "url")}
 # RMIOT_* variables that are not configuration keys (they steer tools, not the platform).
 OTHER_ENV = {"RMIOT_CONFIG", "RMIOT_PURE", "RMIOT_NO_EXT", "RMIOT_SPEC_DIR",
-             "RMIOT_HYPOTHESIS_PROFILE", "RMIOT_TEST_KEEP"}
+             "RMIOT_HYPOTHESIS_PROFILE", "RMIOT_TEST_KEEP", "RMIOT_TEST_DATABASE"}
 
 
 def load(path: str | os.PathLike[str] | None = None,
@@ -280,8 +303,9 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _port(key: str, value: int) -> None:
-    if not 1 <= value <= 65535:
-        raise ConfigError(f"configuration key {key} must be a port number 1-65535, got {value}")
+    # 0 asks the system for a free port (tests, benchmarks); status cannot find it then.
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"configuration key {key} must be a port number 0-65535, got {value}")
 
 
 def _at_least(key: str, value: float, low: float) -> None:

@@ -78,8 +78,9 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
 
 async def open_pool(dsn: str, min_size: int, max_size: int) -> AsyncConnectionPool:
     """An async pool, opened and checked (fails fast with DatabaseUnreachable)."""
+    # Autocommit: every piece of code that needs a transaction says so explicitly.
     pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
-                               name="rmiot")
+                               name="rmiot", kwargs={"autocommit": True})
     try:
         await pool.open(wait=True, timeout=10)
     except Exception as exc:

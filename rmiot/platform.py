@@ -18,6 +18,7 @@ from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate
 from rmiot.grpc_server import GrpcServer
+from rmiot.ingest.service import IngestService
 
 log = logging.getLogger("rmiot.platform")
 
@@ -65,21 +66,29 @@ class Infrastructure:
 class Platform:
     cfg: Config
     grpc: GrpcServer | None = None
+    ingest: IngestService | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
         cluster.check_reachable(db.app_dsn(self.cfg))
+        self.ingest = IngestService(self.cfg)
+        tcp_port = await self.ingest.start()
         self.grpc = GrpcServer(self.cfg)
         port = await self.grpc.start()
         scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
-        self.endpoints = [Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                                   "health, reflection")]
+        self.endpoints = [
+            Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
+                     f"{len(self.ingest.view.devices)} devices known"),
+            Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}", "health, reflection"),
+        ]
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
 
     async def stop(self) -> None:
         if self.grpc:
             await self.grpc.stop()
+        if self.ingest:
+            await self.ingest.stop()
         log.info("platform stopped")
 
 

@@ -2,8 +2,8 @@
 
 Checks, from the configuration alone (no running process is asked where it is):
 the database (reachable, TimescaleDB extension, schema version), the MQTT
-broker (a real MQTT CONNECT), and every gRPC server (the standard health check
-over TLS). Exit code 0 when all pass, 3 when any fails.
+broker (a real MQTT CONNECT), the RMF TCP listener (a TCP connect), and every
+gRPC server (the standard health check over TLS). Exit code 0 when all pass, 3 when any fails.
 """
 
 from __future__ import annotations
@@ -65,7 +65,19 @@ async def check_grpc(cfg: Config) -> Check:
                  f"{target} {status}")
 
 
+async def check_tcp(cfg: Config) -> Check:
+    host, port = cfg.ingest.tcp_host, cfg.ingest.tcp_port
+    try:
+        async with asyncio.timeout(3):
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        return Check("rmf tcp", False, f"{host}:{port}: {exc or 'timed out'}")
+    return Check("rmf tcp", True, f"{host}:{port} accepts device connections")
+
+
 async def run_checks(cfg: Config) -> list[Check]:
     database = await asyncio.to_thread(check_database, cfg)
-    rest = await asyncio.gather(check_broker(cfg), check_grpc(cfg))
+    rest = await asyncio.gather(check_broker(cfg), check_tcp(cfg), check_grpc(cfg))
     return [database, *rest]

@@ -2,7 +2,8 @@
 
 A fixture starts a service only when it is not already running, and stops at
 the end only what it started (``RMIOT_TEST_KEEP=1`` leaves them up for the
-next run). Tests use their own database, ``<database.name>_test``, dropped and
+next run). Tests use their own database, ``<database.name>_test`` (or
+``$RMIOT_TEST_DATABASE``, so runs side by side do not collide), dropped and
 migrated afresh at the start of each session, so a running platform's data is
 never touched. ``RMIOT_DSN`` / ``RMIOT_MQTT_URL`` point the suite at external
 servers instead.
@@ -14,10 +15,11 @@ import asyncio
 import dataclasses
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 
 # The suite forks subprocesses (rmiot run, rmiot status) while gRPC threads run.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -35,7 +37,7 @@ def _keep() -> bool:
 def base_cfg() -> Config:
     """The configuration the suite runs under (env overrides apply)."""
     cfg = load()
-    name = cfg.database.name + "_test"
+    name = os.environ.get("RMIOT_TEST_DATABASE") or cfg.database.name + "_test"
     return dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, name=name))
 
 
@@ -78,6 +80,35 @@ def mqtt(base_cfg: Config) -> Iterator[tuple[str, int]]:
 def dev_certs(base_cfg: Config) -> Config:
     certs.ensure_dev_ca(base_cfg.data_dir / "certs")
     return base_cfg
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from tests.core_ext.conftest import twins_line
+
+    return twins_line()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.core_ext.conftest import twins_line
+
+    terminalreporter.write_line(twins_line())
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                   item: pytest.Item) -> dict[str, Any]:
+    """Protocol code (tests/ingest) runs on the stock loop and on uvloop, production's."""
+    if item.path.parent.name == "ingest":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+async def eventually(condition: Callable[[], object], timeout: float,
+                     interval: float = 0.01) -> None:
+    """Wait until ``condition()`` is true: for state another process or task
+    changes (the database, a server) where no event can be awaited."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - the state lives outside this loop
+            await asyncio.sleep(interval)
 
 
 def free_port() -> int:

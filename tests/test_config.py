@@ -57,6 +57,7 @@ def test_file_then_environment(tmp_path: Path) -> None:
     ("[grcp]\nport = 1\n", {}, "[grcp]"),
     ('[grpc]\nport = "x"\n', {}, "grpc.port must be an integer"),
     ("[grpc]\nport = 70000\n", {}, "grpc.port must be a port number"),
+    ("[grpc]\nport = -1\n", {}, "grpc.port must be a port number"),
     ('[platform]\nrole = "city"\n', {}, "platform.role must be one of"),
     ("[grpc]\ntls = 1\n", {}, "grpc.tls must be true or false"),
     ("", {"RMIOT_GRPC_PORT": "abc"}, "environment RMIOT_GRPC_PORT"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from rmiot import db
 from rmiot.deploy import migrate
@@ -66,7 +67,7 @@ def test_migrations_apply_once_in_order_and_refuse_edits(admin_dsn: str, tmp_pat
     (scratch / "0001_a.sql").write_text("CREATE TABLE mig_a (x int);")
     (scratch / "0002_b.sql").write_text("INSERT INTO mig_a VALUES (2);")
     # A throwaway database so the suite's own schema is untouched.
-    name = "rmiot_migtest"
+    name = conninfo_to_dict(admin_dsn)["dbname"] + "_mig"
     with db.connect(db.with_database(admin_dsn, "postgres"), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")

@@ -1,0 +1,192 @@
+"""Pipeline: what every transport adapter shares after decoding — the
+platform's checks, batching, acknowledgement after commit, and backpressure.
+
+An adapter feeds decoded events with ``accept(events, sink)``; ``sink`` is the
+connection (or message context) that gets the acks: an object with
+``send(data: bytes)``, ``pause_reading()`` and ``resume_reading()``.
+
+Checks, in order, after the decoder's own (magic … MALFORMED):
+UNKNOWN_DEVICE (not in the registry view, or not allowed to send: suspended,
+retired, or its tenant disabled), TENANT_MISMATCH, AUTH_REQUIRED, kind (a
+device may send kinds 1–5 only: MALFORMED otherwise), STALE/FUTURE (``ts_us``
+outside ``[now - past_window_s, now + future_window_s]``; both NACK as STALE,
+the only code the spec has), DUPLICATE (the same (device, seq, ts_us) already
+waiting in an uncommitted batch: acked DUPLICATE once the first commits).
+
+A NACK goes out at once, and only when the frame asked for an ack (ACK_REQ).
+An OK goes out only after the frame's batch is committed, DUPLICATE when the
+database already had it.
+
+Backpressure (fails closed, never drops): rows handed to the writers but not
+yet committed are counted; above ``high_water`` every sink is paused (the
+sockets stop being read, so devices' TCP windows fill and they slow down); they
+resume below half of it. A batch is handed over when it has
+``batch_max_rows`` rows or its first row has waited ``batch_max_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, Protocol
+
+from rmiot.config import IngestConfig
+from rmiot.core_ext import (
+    ACK_AUTH_REQUIRED,
+    ACK_DUPLICATE,
+    ACK_MALFORMED,
+    ACK_OK,
+    ACK_STALE,
+    ACK_STATUS,
+    ACK_TENANT_MISMATCH,
+    ACK_UNKNOWN_DEVICE,
+    Frame,
+    encode_ack,
+)
+from rmiot.ingest.writer import Batch, BatchWriter, Key, Outcome, frame_key
+from rmiot.registry.view import DeviceView
+
+DEVICE_KINDS = frozenset((1, 2, 3, 4, 5))
+
+
+class AckSink(Protocol):
+    def send(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Pipeline:
+    def __init__(self, cfg: IngestConfig, view: DeviceView, dsn: str) -> None:
+        self.cfg = cfg
+        self.view = view
+        self.writer = BatchWriter(dsn, cfg.writers, self._committed)
+        self.batch = Batch()
+        self.pending_rows = 0
+        self.high_water = max(cfg.batch_max_rows * cfg.writers * 4, 10_000)
+        self.paused = False
+        self.sinks: set[Any] = set()
+        # Keys of frames in uncommitted batches -> extra waiters (None: none yet).
+        self.inflight: dict[Key, list[tuple[Any, Frame]] | None] = {}
+        self.stats: Counter[str] = Counter()
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    # -- sinks ---------------------------------------------------------------
+
+    def register(self, sink: AckSink) -> None:
+        self.sinks.add(sink)
+        if self.paused:
+            sink.pause_reading()
+
+    def unregister(self, sink: AckSink) -> None:
+        self.sinks.discard(sink)
+
+    # -- the hot path ----------------------------------------------------------
+
+    def accept(self, events: list[Any], sink: AckSink) -> None:
+        """Check decoded events; queue good frames; NACK bad ones that asked."""
+        now_us = time.time_ns() // 1000
+        oldest = now_us - self.cfg.past_window_s * 1_000_000
+        newest = now_us + self.cfg.future_window_s * 1_000_000
+        devices = self.view.devices
+        inflight = self.inflight
+        batch = self.batch
+        stats = self.stats
+        nacks = bytearray()
+        for ev in events:
+            if type(ev) is not Frame:
+                stats[ev.code] += 1
+                status = ACK_STATUS.get(ev.code)
+                if ev.ack_req and status is not None:
+                    nacks += encode_ack(ev.tenant, ev.device, ev.seq, now_us, status)
+                continue
+            entry = devices.get(ev.device)
+            if entry is None or not entry.may_send:
+                code, status = "UNKNOWN_DEVICE", ACK_UNKNOWN_DEVICE
+            elif entry.tenant_id != ev.tenant:
+                code, status = "TENANT_MISMATCH", ACK_TENANT_MISMATCH
+            elif entry.auth_required and not ev.auth:
+                code, status = "AUTH_REQUIRED", ACK_AUTH_REQUIRED
+            elif ev.kind not in DEVICE_KINDS:
+                code, status = "MALFORMED", ACK_MALFORMED
+            elif ev.ts_us < oldest:
+                code, status = "STALE", ACK_STALE
+            elif ev.ts_us > newest:
+                code, status = "FUTURE", ACK_STALE
+            else:
+                key = (ev.device, ev.seq, ev.ts_us)
+                if key in inflight:
+                    waiting = inflight[key]
+                    if waiting is None:
+                        inflight[key] = [(sink, ev)]
+                    else:
+                        waiting.append((sink, ev))
+                    stats["DUPLICATE"] += 1
+                    continue
+                inflight[key] = None
+                batch.add(ev, sink)
+                continue
+            stats[code] += 1
+            if ev.ack_req:
+                nacks += encode_ack(ev.tenant, ev.device, ev.seq, now_us, status)
+        if nacks:
+            sink.send(bytes(nacks))
+        if len(batch) >= self.cfg.batch_max_rows:
+            self.flush()
+        elif batch.frames and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                self.cfg.batch_max_ms / 1000, self.flush)
+
+    def flush(self) -> None:
+        """Hand the current batch to the writers now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch = self.batch
+        if not batch.frames:
+            return
+        self.batch = Batch()
+        self.pending_rows += len(batch)
+        self.writer.submit(batch)
+        if not self.paused and self.pending_rows > self.high_water:
+            self.paused = True
+            self.stats["backpressure_pauses"] += 1
+            for sink in self.sinks:
+                sink.pause_reading()
+
+    # -- after commit ----------------------------------------------------------
+
+    def _committed(self, batch: Batch, outcome: Outcome) -> None:
+        now_us = time.time_ns() // 1000
+        acks: dict[Any, bytearray] = {}
+        duplicates, rejected = outcome.duplicates, outcome.rejected
+        inflight = self.inflight
+        for frame, sink in zip(batch.frames, batch.sinks, strict=True):
+            key = frame_key(frame)
+            waiting = inflight.pop(key, None)
+            if rejected and key in rejected:
+                status = ACK_MALFORMED
+            elif duplicates and key in duplicates:
+                status = ACK_DUPLICATE
+            else:
+                status = ACK_OK
+            if frame.ack_req:
+                out = acks.get(sink)
+                if out is None:
+                    out = acks[sink] = bytearray()
+                out += encode_ack(frame.tenant, frame.device, frame.seq, now_us, status)
+            for other_sink, other in waiting or ():
+                if other.ack_req:
+                    acks.setdefault(other_sink, bytearray()).extend(encode_ack(
+                        other.tenant, other.device, other.seq, now_us,
+                        ACK_DUPLICATE if status == ACK_OK else status))
+        self.stats["stored"] += len(batch) - len(duplicates) - len(rejected)
+        self.stats["DUPLICATE"] += len(duplicates)
+        self.stats["REJECTED_BY_DB"] += len(rejected)
+        for sink, data in acks.items():
+            sink.send(bytes(data))
+        self.pending_rows -= len(batch)
+        if self.paused and self.pending_rows <= self.high_water // 2:
+            self.paused = False
+            for sink in self.sinks:
+                sink.resume_reading()

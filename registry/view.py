@@ -1,0 +1,151 @@
+"""DeviceView: what the ingest path knows about every device, in memory.
+
+A lookup is one dict access (no I/O on the hot path). The view loads every
+device at start, then LISTENs on ``rmiot_registry`` (migration 0002) and
+reloads a device — or, for a tenant change, that tenant's devices — as soon as
+the change commits, so a revoked key or a suspended device is refused on the
+next frame of every open connection, typically within milliseconds. If the
+listening connection drops, the view reconnects and reloads everything (a
+change made while it was away is not missed).
+
+Which devices may send: lifecycle states ``registered``, ``active`` and
+``maintenance`` in an enabled tenant. HMAC is required when the device says so,
+or else when its tenant's ``settings.require_hmac`` is true. Keys are stored
+sealed (SM4-GCM, bound to the device id) and opened here once per change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from rmiot.security.sm4 import Keyring, SealError
+
+log = logging.getLogger("rmiot.registry.view")
+
+CHANNEL = "rmiot_registry"
+
+_SELECT = """
+SELECT d.id, d.tenant_id,
+       coalesce(d.auth_required, (t.settings->>'require_hmac')::boolean, false),
+       d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
+       k.key_enc
+  FROM devices d
+  JOIN tenants t ON t.id = d.tenant_id
+  LEFT JOIN LATERAL (
+        SELECT key_enc FROM device_keys k
+         WHERE k.device_id = d.id AND k.revoked_at IS NULL AND k.not_before <= now()
+           AND (k.not_after IS NULL OR k.not_after > now())
+         ORDER BY k.version DESC LIMIT 1) k ON true
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEntry:
+    id: int
+    tenant_id: int
+    auth_required: bool
+    may_send: bool
+    key: bytes | None
+
+
+class DeviceView:
+    def __init__(self, dsn: str, keyring: Keyring) -> None:
+        self.dsn = dsn
+        self.keyring = keyring
+        self.devices: dict[int, DeviceEntry] = {}
+        self.listeners: list[Callable[[int], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    def get(self, device_id: int) -> DeviceEntry | None:
+        return self.devices.get(device_id)
+
+    def key(self, device_id: int) -> bytes | None:
+        """The device's current HMAC key (the decoder's key lookup)."""
+        entry = self.devices.get(device_id)
+        return entry.key if entry else None
+
+    async def start(self) -> None:
+        """Load every device and keep following changes; returns once loaded."""
+        self._task = asyncio.create_task(self._follow(), name="device-view")
+        waiter = asyncio.create_task(self._ready.wait())
+        done, _ = await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            waiter.cancel()
+            self._task.result()  # raises the reason it could not load
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                # Two connections: one cannot run queries while it waits in notifies().
+                listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                query = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                async with listen, query:
+                    await listen.execute(f"LISTEN {CHANNEL}")
+                    await self._reload(query, "", ())
+                    self._ready.set()
+                    delay = 0.1
+                    async for note in listen.notifies():
+                        await self._apply(query, note.payload)
+            except psycopg.OperationalError as exc:
+                if not self._ready.is_set() and delay > 2:
+                    raise
+                log.warning("device view lost its database connection; retrying",
+                            extra={"error": str(exc).strip(), "retry_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], payload: str) -> None:
+        kind, _, ident = payload.partition(":")
+        if kind == "device":
+            await self._reload(conn, " WHERE d.id = %s", (int(ident),), gone=int(ident))
+        elif kind == "tenant":
+            await self._reload(conn, " WHERE d.tenant_id = %s", (int(ident),))
+
+    async def _reload(self, conn: psycopg.AsyncConnection[Any], where: str,
+                      params: tuple[int, ...], gone: int | None = None) -> None:
+        cur = await conn.execute((_SELECT + where).encode(), params)
+        rows = await cur.fetchall()
+        if not where:
+            self.devices = {}
+        if gone is not None and not rows:
+            self.devices.pop(gone, None)
+            self._changed(gone)
+        for dev_id, tenant_id, auth_required, may_send, key_enc in rows:
+            self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
+                                               self._open_key(dev_id, key_enc))
+            if where:
+                self._changed(dev_id)
+
+    def _open_key(self, device_id: int, sealed: bytes | None) -> bytes | None:
+        if sealed is None:
+            return None
+        try:
+            return self.keyring.open(bytes(sealed), key_aad(device_id))
+        except SealError as exc:
+            log.error("device key does not open; the device cannot authenticate",
+                      extra={"device": device_id, "error": str(exc)})
+            return None
+
+    def _changed(self, device_id: int) -> None:
+        for listener in self.listeners:
+            listener(device_id)
+
+
+def key_aad(device_id: int) -> bytes:
+    """Associated data binding a sealed key to its device."""
+    return b"rmiot-device-key:" + str(device_id).encode()

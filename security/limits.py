@@ -1,0 +1,68 @@
+"""Token-bucket rate limits, keyed (per tenant, per device, per caller).
+
+``RateLimiter(rate, burst)`` keeps one bucket per key: ``rate`` tokens a
+second, at most ``burst`` saved up; ``take(key, n)`` spends n tokens or
+refuses. Limits fail closed for the key concerned only. Buckets idle long
+enough to be full again are forgotten, so memory follows the active keys.
+A key refused more than ``abuse_threshold`` times within a minute is reported
+once a minute by ``take`` returning ``Refusal.SUSTAINED`` so the caller audits
+it (one record, not one per refused request).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+
+class Refusal(enum.Enum):
+    NONE = 0          # allowed
+    REFUSED = 1       # over the limit
+    SUSTAINED = 2     # over the limit, and it has been going on: audit this one
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+    refused: int = 0
+    window_start: float = 0.0
+    reported: float = 0.0
+
+
+class RateLimiter:
+    def __init__(self, rate: float, burst: float, abuse_threshold: int = 100) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.abuse_threshold = abuse_threshold
+        self.buckets: dict[object, _Bucket] = {}
+        self._next_sweep = 0.0
+
+    def take(self, key: object, n: float = 1.0, now: float | None = None) -> Refusal:
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket(self.burst, now, window_start=now)
+        else:
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+        if bucket.tokens >= n:
+            bucket.tokens -= n
+            if now >= self._next_sweep:
+                self._sweep(now)
+            return Refusal.NONE
+        if now - bucket.window_start > 60.0:
+            bucket.window_start, bucket.refused = now, 0
+        bucket.refused += 1
+        if bucket.refused > self.abuse_threshold and now - bucket.reported > 60.0:
+            bucket.reported = now
+            return Refusal.SUSTAINED
+        return Refusal.REFUSED
+
+    def _sweep(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        self.buckets = {k: b for k, b in self.buckets.items() if now - b.stamp < full_after}
+        self._next_sweep = now + max(full_after, 10.0)

@@ -2,7 +2,9 @@
 
 Files under ``<data_dir>/certs``: ``ca.crt``/``ca.key`` (the CA), ``server.crt``/
 ``server.key`` (every TLS listener; names localhost, 127.0.0.1, ::1 and this
-host), and one ``<name>.crt``/``<name>.key`` per client certificate. A client
+host), ``operator.crt``/``operator.key`` (the operator's client certificate,
+used by ``rmiot status``), and one ``<name>.crt``/``<name>.key`` per client
+certificate issued. A client
 certificate says who holds it: the subject's OU is its kind (``platform`` for a
 hospital platform, ``vendor``, ``operator``) and a URI SAN
 ``urn:rmiot:tenant:<id>`` names the tenant subtree it speaks for.
@@ -86,6 +88,10 @@ def ensure_dev_ca(directory: Path, force: bool = False) -> list[str]:
             x509.IPAddress(ipaddress.ip_address("::1"))]
         _issue(directory, "server", "rmiot server", names, server=True)
         written.append("server.crt")
+    if force or not (directory / "operator.crt").exists():
+        # The operator's own client certificate: rmiot status checks the mTLS port with it.
+        issue_client(directory, "operator", "operator")
+        written.append("operator.crt")
     return written
 
 

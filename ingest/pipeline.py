@@ -10,8 +10,11 @@ UNKNOWN_DEVICE (not in the registry view, or not allowed to send: suspended,
 retired, or its tenant disabled), TENANT_MISMATCH, AUTH_REQUIRED, kind (a
 device may send kinds 1–5 only: MALFORMED otherwise), STALE/FUTURE (``ts_us``
 outside ``[now - past_window_s, now + future_window_s]``; both NACK as STALE,
-the only code the spec has), DUPLICATE (the same (device, seq, ts_us) already
-waiting in an uncommitted batch: acked DUPLICATE once the first commits).
+the only code the spec has), RATE_LIMITED (token buckets per device and per
+tenant, ``ingest.device_rate_per_s`` / ``tenant_rate_per_s``; fails closed for
+that device or tenant only; sustained abuse goes to ``on_abuse``, which the
+platform audits), DUPLICATE (the same (device, seq, ts_us) already waiting in
+an uncommitted batch: acked DUPLICATE once the first commits).
 
 A NACK goes out at once, and only when the frame asked for an ack (ACK_REQ).
 An OK goes out only after the frame's batch is committed, DUPLICATE when the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from rmiot.config import IngestConfig
@@ -37,6 +41,7 @@ from rmiot.core_ext import (
     ACK_DUPLICATE,
     ACK_MALFORMED,
     ACK_OK,
+    ACK_RATE_LIMITED,
     ACK_STALE,
     ACK_STATUS,
     ACK_TENANT_MISMATCH,
@@ -46,6 +51,7 @@ from rmiot.core_ext import (
 )
 from rmiot.ingest.writer import Batch, BatchWriter, Key, Outcome, frame_key
 from rmiot.registry.view import DeviceView
+from rmiot.security.limits import RateLimiter, Refusal
 
 DEVICE_KINDS = frozenset((1, 2, 3, 4, 5))
 
@@ -70,6 +76,11 @@ class Pipeline:
         self.inflight: dict[Key, list[tuple[Any, Frame]] | None] = {}
         self.stats: Counter[str] = Counter()
         self._flush_handle: asyncio.TimerHandle | None = None
+        self.per_device = RateLimiter(cfg.device_rate_per_s, cfg.device_rate_per_s * 2)
+        self.per_tenant = RateLimiter(cfg.tenant_rate_per_s, cfg.tenant_rate_per_s * 2)
+        # Called as on_abuse("device" | "tenant", id) once a minute while a key
+        # keeps being refused; the platform audits it.
+        self.on_abuse: Callable[[str, int], None] | None = None
 
     # -- sinks ---------------------------------------------------------------
 
@@ -93,6 +104,10 @@ class Pipeline:
         batch = self.batch
         stats = self.stats
         nacks = bytearray()
+        # Rate limits take tokens once per device per call (a read usually holds
+        # many frames of one device), not once per frame: see _grant.
+        budget: dict[int, int] = {}
+        tenant_budget: dict[int, int] = {}
         for ev in events:
             if type(ev) is not Frame:
                 stats[ev.code] += 1
@@ -113,7 +128,11 @@ class Pipeline:
                 code, status = "STALE", ACK_STALE
             elif ev.ts_us > newest:
                 code, status = "FUTURE", ACK_STALE
+            elif (left := budget.get(ev.device)) == 0 or (
+                    left is None and not self._grant(ev, events, budget, tenant_budget)):
+                code, status = "RATE_LIMITED", ACK_RATE_LIMITED
             else:
+                budget[ev.device] -= 1
                 key = (ev.device, ev.seq, ev.ts_us)
                 if key in inflight:
                     waiting = inflight[key]
@@ -136,6 +155,28 @@ class Pipeline:
         elif batch.frames and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(
                 self.cfg.batch_max_ms / 1000, self.flush)
+
+    def _grant(self, first: Frame, events: list[Any], budget: dict[int, int],
+               tenant_budget: dict[int, int]) -> bool:
+        """Take the tokens for all of ``first``'s device's frames in this call at
+        once; set how many may pass; True when ``first`` may."""
+        device, tenant = first.device, first.tenant
+        wanted = sum(1 for ev in events if type(ev) is Frame and ev.device == device)
+        granted, verdict = self.per_device.take_up_to(device, wanted)
+        self._report(verdict, "device", device)
+        left = tenant_budget.get(tenant)
+        if left is None:
+            wanted_t = sum(1 for ev in events if type(ev) is Frame and ev.tenant == tenant)
+            left, verdict = self.per_tenant.take_up_to(tenant, wanted_t)
+            self._report(verdict, "tenant", tenant)
+        granted = min(granted, left)
+        tenant_budget[tenant] = left - granted
+        budget[device] = granted
+        return granted > 0
+
+    def _report(self, verdict: Refusal, kind: str, key: int) -> None:
+        if verdict is Refusal.SUSTAINED and self.on_abuse is not None:
+            self.on_abuse(kind, key)
 
     def flush(self) -> None:
         """Hand the current batch to the writers now."""

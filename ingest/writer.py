@@ -60,12 +60,10 @@ class Batch:
 
     frames: list[Frame] = field(default_factory=list)
     sinks: list[Any] = field(default_factory=list)
-    rows: bytearray = field(default_factory=bytearray)
 
     def add(self, frame: Frame, sink: Any) -> None:
         self.frames.append(frame)
         self.sinks.append(sink)
-        self.rows += frame.copy_row
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -1,5 +1,5 @@
 """The registry's write side, as plain functions over a database connection:
-tenants, devices, device keys and lifecycle state. The gRPC RegistryService
+devices, device keys and lifecycle state. The gRPC RegistryService
 and the import tools are built on these; the ingest path only reads
 (``registry.view``). Every change is announced to the views by the triggers of
 migration 0002.
@@ -10,41 +10,16 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import orjson
 import psycopg
 
 from rmiot.registry.view import key_aad
 from rmiot.security.sm4 import Keyring
 
-LEVELS = ("region", "district", "hospital", "department")
 ALGORITHMS = {"hmac-sha256": 1, "hmac-sm3": 2}
 
 
 class RegistryError(Exception):
     """A registry request that cannot be carried out; the message says why."""
-
-
-def create_tenant(conn: psycopg.Connection[Any], code: str, name: str, level: str,
-                  parent_id: int | None = None, settings: dict[str, Any] | None = None,
-                  tenant_id: int | None = None) -> int:
-    """Add a node to the tenant tree; returns its id."""
-    if level not in LEVELS:
-        raise RegistryError(f"level must be one of {', '.join(LEVELS)}")
-    path: list[int] = []
-    if parent_id is not None:
-        row = conn.execute("SELECT path FROM tenants WHERE id = %s", (parent_id,)).fetchone()
-        if row is None:
-            raise RegistryError(f"parent tenant {parent_id} does not exist")
-        path = list(row[0])
-    if tenant_id is None:
-        got = conn.execute("SELECT nextval('tenant_id_seq')").fetchone()
-        assert got is not None
-        tenant_id = int(got[0])
-    conn.execute("INSERT INTO tenants (id, parent_id, level, code, name, path, settings) "
-                 "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                 (tenant_id, parent_id, level, code, name, [*path, tenant_id],
-                  orjson.dumps(settings or {}).decode()))
-    return tenant_id
 
 
 def register_device(conn: psycopg.Connection[Any], tenant_id: int, *, udi: str | None = None,

@@ -84,11 +84,13 @@ class BrokerConfig:
 class GrpcConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    mtls_port: int = 50052
     tls: bool = True
     max_workers: int = 16
 
     def check(self) -> None:
         _port("grpc.port", self.port)
+        _port("grpc.mtls_port", self.mtls_port)
         _at_least("grpc.max_workers", self.max_workers, 1)
 
 
@@ -106,6 +108,7 @@ class TlsConfig:
 class IngestConfig:
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 7700
+    processes: int = 0
     writers: int = 2
     batch_max_rows: int = 4000
     batch_max_ms: int = 20
@@ -114,13 +117,18 @@ class IngestConfig:
     partial_frame_timeout_s: float = 5.0
     past_window_s: int = 7 * 24 * 3600
     future_window_s: int = 300
+    device_rate_per_s: float = 200.0
+    tenant_rate_per_s: float = 200_000.0
 
     def check(self) -> None:
         _port("ingest.tcp_port", self.tcp_port)
         _at_least("ingest.writers", self.writers, 1)
+        _at_least("ingest.processes", self.processes, 0)
         _at_least("ingest.batch_max_rows", self.batch_max_rows, 1)
         _at_least("ingest.batch_max_ms", self.batch_max_ms, 1)
         _at_least("ingest.max_connections", self.max_connections, 1)
+        _at_least("ingest.device_rate_per_s", self.device_rate_per_s, 0.1)
+        _at_least("ingest.tenant_rate_per_s", self.tenant_rate_per_s, 0.1)
 
 
 @dataclass(frozen=True)
@@ -130,12 +138,19 @@ class SecurityConfig:
     lockout_attempts: int = 5
     lockout_minutes: int = 30
     session_idle_minutes: int = 15
+    caller_rate_per_s: float = 200.0
+    tenant_rate_per_s: float = 2000.0
+    audit_checkpoints: str = ""
+    audit_checkpoint_interval_s: float = 600.0
 
     def check(self) -> None:
         _at_least("security.password_max_age_days", self.password_max_age_days, 1)
         _at_least("security.lockout_attempts", self.lockout_attempts, 1)
         _at_least("security.lockout_minutes", self.lockout_minutes, 1)
         _at_least("security.session_idle_minutes", self.session_idle_minutes, 1)
+        _at_least("security.caller_rate_per_s", self.caller_rate_per_s, 0.1)
+        _at_least("security.tenant_rate_per_s", self.tenant_rate_per_s, 0.1)
+        _at_least("security.audit_checkpoint_interval_s", self.audit_checkpoint_interval_s, 1)
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,15 @@ class Config:
         if self.security.keyring_dir:
             return Path(self.security.keyring_dir)
         return self.data_dir / "keys"
+
+    @property
+    def audit_checkpoints(self) -> Path:
+        """The audit chain's checkpoint file: one per database, kept outside it."""
+        if self.security.audit_checkpoints:
+            return Path(self.security.audit_checkpoints)
+        where = self.database.name if self.database.private else \
+            "".join(c if c.isalnum() else "_" for c in self.database.dsn)[:80]
+        return self.data_dir / "audit" / f"{where}.checkpoints.jsonl"
 
     def tls_path(self, key: str) -> Path:
         """The configured TLS file, or the dev CA's file under ``data_dir``."""

@@ -1,10 +1,12 @@
 """Conventions every rmiot gRPC server follows, written once.
 
-- TLS (1.2+, the configured or dev-CA certificate) unless ``grpc.tls = false``
-  was set explicitly for local development; client certificates are requested
-  and verified against the CA when presented (hospital platforms and vendors
-  authenticate with them), not required at the TLS layer — the security
-  interceptor decides per method.
+- two listeners with the same services: ``grpc.port`` with TLS (1.2+, the
+  configured or dev-CA certificate) for people, who log in; and
+  ``grpc.mtls_port`` with mutual TLS for hospital platforms and vendors, whose
+  client certificate from the platform's CA is required and verified in the
+  handshake (gRPC cannot ask for a certificate without requiring one, hence two
+  ports). ``grpc.tls = false`` (local development only) makes the first
+  plaintext and leaves the second closed.
 - The standard ``grpc.health.v1.Health`` service, with a status per service
   (``""`` is the whole server), and server reflection listing every service.
 - ``SO_REUSEPORT`` so several processes on one host can share the port.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +27,14 @@ from grpc_reflection.v1alpha import reflection
 from rmiot.config import Config
 
 log = logging.getLogger("rmiot.grpc")
+
+# The stubs make these generic; at run time they are plain classes.
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -43,10 +53,11 @@ class Service:
 class GrpcServer:
     cfg: Config
     services: Sequence[Service] = ()
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()  # type: ignore[type-arg]
+    interceptors: Sequence[ServerInterceptor] = ()
     server: grpc.aio.Server | None = None
     health: HealthServicer = field(default_factory=HealthServicer)
     port: int = 0
+    mtls_port: int = 0
 
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful when configured as 0)."""
@@ -64,6 +75,9 @@ class GrpcServer:
         address = f"{self.cfg.grpc.host}:{self.cfg.grpc.port}"
         if self.cfg.grpc.tls:
             self.port = server.add_secure_port(address, server_credentials(self.cfg))
+            self.mtls_port = server.add_secure_port(
+                f"{self.cfg.grpc.host}:{self.cfg.grpc.mtls_port}",
+                server_credentials(self.cfg, require_client_cert=True))
         else:
             log.warning("gRPC listener is PLAINTEXT (grpc.tls = false): development only")
             self.port = server.add_insecure_port(address)
@@ -81,10 +95,10 @@ class GrpcServer:
         self.server = None
 
 
-def server_credentials(cfg: Config) -> grpc.ServerCredentials:
+def server_credentials(cfg: Config, require_client_cert: bool = False) -> grpc.ServerCredentials:
     key, cert, ca = (_tls_file(cfg, k) for k in ("key_file", "cert_file", "ca_file"))
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=False)
+                                       require_client_auth=require_client_cert)
 
 
 def _tls_file(cfg: Config, key: str) -> bytes:
@@ -100,8 +114,10 @@ def channel(cfg: Config, host: str | None = None, port: int | None = None,
             client_cert: tuple[bytes, bytes] | None = None) -> grpc.aio.Channel:
     """An async channel to a platform gRPC server, with TLS when the server uses it.
 
-    ``client_cert`` is (key PEM, certificate PEM) for mTLS callers."""
-    target = f"{host or cfg.grpc.host}:{port or cfg.grpc.port}"
+    ``client_cert`` is (key PEM, certificate PEM) for mTLS callers; they reach
+    ``grpc.mtls_port`` unless ``port`` says otherwise."""
+    default = cfg.grpc.mtls_port if client_cert else cfg.grpc.port
+    target = f"{host or cfg.grpc.host}:{port or default}"
     if not cfg.grpc.tls:
         return grpc.aio.insecure_channel(target)
     key, cert = client_cert or (None, None)

@@ -19,6 +19,8 @@ from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate
 from rmiot.grpc_server import GrpcServer
 from rmiot.ingest.service import IngestService
+from rmiot.ingest.workers import WorkerPool
+from rmiot.security.service import SecurityServices
 
 log = logging.getLogger("rmiot.platform")
 
@@ -67,19 +69,30 @@ class Platform:
     cfg: Config
     grpc: GrpcServer | None = None
     ingest: IngestService | None = None
+    workers: WorkerPool | None = None
+    security: SecurityServices | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
         cluster.check_reachable(db.app_dsn(self.cfg))
+        self.security = SecurityServices(self.cfg)
+        await self.security.start()
         self.ingest = IngestService(self.cfg)
+        self.ingest.pipeline.on_abuse = self.security.ingest_abuse
         tcp_port = await self.ingest.start()
-        self.grpc = GrpcServer(self.cfg)
+        self.workers = WorkerPool(self.cfg, tcp_port)
+        extra = await self.workers.start()
+        self.grpc = GrpcServer(self.cfg, services=self.security.services(),
+                               interceptors=[self.security.interceptor])
         port = await self.grpc.start()
         scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
         self.endpoints = [
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
-                     f"{len(self.ingest.view.devices)} devices known"),
-            Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}", "health, reflection"),
+                     f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
+            Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
+                     "Auth, Policy, Audit services; health, reflection"),
+            Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
+                     "hospital platforms and vendors (client certificate)"),
         ]
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
@@ -87,8 +100,12 @@ class Platform:
     async def stop(self) -> None:
         if self.grpc:
             await self.grpc.stop()
+        if self.workers:
+            await self.workers.stop()
         if self.ingest:
             await self.ingest.stop()
+        if self.security:
+            await self.security.stop()  # last: the audit log flushes what the others wrote
         log.info("platform stopped")
 
 

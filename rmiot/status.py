@@ -51,17 +51,25 @@ async def check_broker(cfg: Config) -> Check:
     return Check("mqtt broker", True, f"mqtt://{host}:{port} accepts connections")
 
 
-async def check_grpc(cfg: Config) -> Check:
-    target = f"{cfg.grpc.host}:{cfg.grpc.port}"
+async def check_grpc(cfg: Config, mtls: bool = False) -> Check:
+    name = "grpc mtls" if mtls else "grpc api"
+    port = cfg.grpc.mtls_port if mtls else cfg.grpc.port
+    target = f"{cfg.grpc.host}:{port}"
+    cert = None
+    if mtls:
+        key_path = cfg.data_dir / "certs" / "operator.key"
+        if not key_path.exists():
+            return Check(name, False, f"{target}: no operator certificate ({key_path})")
+        cert = (key_path.read_bytes(), key_path.with_suffix(".crt").read_bytes())
     try:
-        async with channel(cfg) as chan:
+        async with channel(cfg, port=port, client_cert=cert) as chan:
             stub = health_pb2_grpc.HealthStub(chan)
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
     except (grpc.RpcError, OSError) as exc:
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-        return Check("grpc api", False, f"{target}: {detail}")
+        return Check(name, False, f"{target}: {detail}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return Check("grpc api", reply.status == health_pb2.HealthCheckResponse.SERVING,
+    return Check(name, reply.status == health_pb2.HealthCheckResponse.SERVING,
                  f"{target} {status}")
 
 
@@ -79,5 +87,8 @@ async def check_tcp(cfg: Config) -> Check:
 
 async def run_checks(cfg: Config) -> list[Check]:
     database = await asyncio.to_thread(check_database, cfg)
-    rest = await asyncio.gather(check_broker(cfg), check_tcp(cfg), check_grpc(cfg))
+    checks = [check_broker(cfg), check_tcp(cfg), check_grpc(cfg)]
+    if cfg.grpc.tls:
+        checks.append(check_grpc(cfg, mtls=True))
+    rest = await asyncio.gather(*checks)
     return [database, *rest]

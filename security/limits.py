@@ -62,6 +62,31 @@ class RateLimiter:
             return Refusal.SUSTAINED
         return Refusal.REFUSED
 
+    def take_up_to(self, key: object, n: int, now: float | None = None) -> tuple[int, Refusal]:
+        """Spend up to n whole tokens at once (n requests of one key, e.g. the
+        frames of one device in one read): how many are allowed, and whether
+        the rest were refused (SUSTAINED once a minute under sustained abuse)."""
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket(self.burst, now, window_start=now)
+        else:
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+        granted = min(n, int(bucket.tokens))
+        bucket.tokens -= granted
+        if granted == n:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            return granted, Refusal.NONE
+        if now - bucket.window_start > 60.0:
+            bucket.window_start, bucket.refused = now, 0
+        bucket.refused += n - granted
+        if bucket.refused > self.abuse_threshold and now - bucket.reported > 60.0:
+            bucket.reported = now
+            return granted, Refusal.SUSTAINED
+        return granted, Refusal.REFUSED
+
     def _sweep(self, now: float) -> None:
         full_after = self.burst / self.rate
         self.buckets = {k: b for k, b in self.buckets.items() if now - b.stamp < full_after}

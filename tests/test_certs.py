@@ -12,7 +12,7 @@ from rmiot.deploy import certs
 
 
 def test_dev_ca_issues_verifiable_server_and_client_certificates(tmp_path: Path) -> None:
-    assert certs.ensure_dev_ca(tmp_path) == ["ca.crt", "server.crt"]
+    assert certs.ensure_dev_ca(tmp_path) == ["ca.crt", "server.crt", "operator.crt"]
     assert certs.ensure_dev_ca(tmp_path) == []  # idempotent
     assert oct((tmp_path / "ca.key").stat().st_mode & 0o777) == "0o600"
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())

@@ -15,7 +15,8 @@ from rmiot.grpc_server import GrpcServer, channel
 
 @pytest.fixture
 async def server(dev_certs: Config) -> GrpcServer:
-    cfg = dataclasses.replace(dev_certs, grpc=dataclasses.replace(dev_certs.grpc, port=0))
+    cfg = dataclasses.replace(dev_certs, grpc=dataclasses.replace(dev_certs.grpc, port=0,
+                                                                  mtls_port=0))
     srv = GrpcServer(cfg)
     await srv.start()
     yield srv  # type: ignore[misc]

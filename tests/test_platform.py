@@ -21,6 +21,7 @@ def test_run_status_and_clean_stop(database: str, mqtt: tuple[str, int],
                                    dev_certs: Config) -> None:
     env = {**os.environ, "RMIOT_DATABASE_NAME": dev_certs.database.name,
            "RMIOT_GRPC_PORT": str(free_port()),
+           "RMIOT_GRPC_MTLS_PORT": str(free_port()),
            "RMIOT_INGEST_TCP_PORT": str(free_port()), "RMIOT_LOG_FORMAT": "json"}
     rmiot = [sys.executable, "-m", "rmiot.cli"]
     with subprocess.Popen([*rmiot, "run"], env=env, stdout=subprocess.PIPE,
@@ -57,7 +58,7 @@ def _run_until_interrupted(proc: subprocess.Popen[str], rmiot: list[str],
                                 text=True, timeout=60)
         checks = {c["name"]: c for c in json.loads(status.stdout)}
         assert status.returncode == 0, checks
-        assert set(checks) == {"database", "mqtt broker", "rmf tcp", "grpc api"}
+        assert set(checks) == {"database", "mqtt broker", "rmf tcp", "grpc api", "grpc mtls"}
         assert "TimescaleDB" in checks["database"]["detail"]
     finally:
         proc.send_signal(signal.SIGINT)

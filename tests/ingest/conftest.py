@@ -20,6 +20,7 @@ from rmiot.ingest.client import RmfClient
 from rmiot.ingest.service import IngestService
 from rmiot.registry import store
 from rmiot.security.sm4 import Keyring
+from rmiot.tenants import store as tenants_store
 
 _codes = itertools.count(1)
 
@@ -69,9 +70,9 @@ def hospital(database: str, keyring: Keyring) -> Iterator[Hospital]:
     n = next(_codes)
     stamp = time.time_ns()
     with psycopg.connect(database, autocommit=True) as conn:
-        region = store.create_tenant(conn, f"region-{stamp}-{n}", "Test region", "region")
-        tenant = store.create_tenant(conn, f"h-{stamp}-{n}", "Hospital", "hospital", region)
-        other = store.create_tenant(conn, f"o-{stamp}-{n}", "Other", "hospital", region)
+        region = tenants_store.create_tenant(conn, f"region-{stamp}-{n}", "Test region", "region")
+        tenant = tenants_store.create_tenant(conn, f"h-{stamp}-{n}", "Hospital", "hospital", region)
+        other = tenants_store.create_tenant(conn, f"o-{stamp}-{n}", "Other", "hospital", region)
         plain = store.register_device(conn, tenant, serial_no="plain")
         keyed = store.register_device(conn, tenant, serial_no="keyed", auth_required=True)
         _, key = store.add_key(conn, keyring, keyed, "hmac-sha256")
@@ -83,7 +84,8 @@ def hospital(database: str, keyring: Keyring) -> Iterator[Hospital]:
 def ingest_cfg(base_cfg: Config, keyring: Keyring) -> Config:
     ingest = dataclasses.replace(base_cfg.ingest, tcp_port=0, writers=2, batch_max_rows=500,
                                  batch_max_ms=5, idle_timeout_s=30.0,
-                                 partial_frame_timeout_s=0.5)
+                                 partial_frame_timeout_s=0.5,
+                                 device_rate_per_s=1e6)  # tests of limits set their own
     security = dataclasses.replace(base_cfg.security, keyring_dir=str(keyring.directory))
     return dataclasses.replace(base_cfg, ingest=ingest, security=security)
 

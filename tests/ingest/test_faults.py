@@ -77,8 +77,9 @@ def _server(cfg: Config, port: int) -> subprocess.Popen[str]:
     env = {**os.environ, "RMIOT_DATABASE_NAME": cfg.database.name,
            "RMIOT_INGEST_TCP_PORT": str(port), "RMIOT_INGEST_BATCH_MAX_ROWS": "200",
            "RMIOT_SECURITY_KEYRING_DIR": cfg.security.keyring_dir,
+           "RMIOT_INGEST_DEVICE_RATE_PER_S": "1000000",
            "RMIOT_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "benches" / "ingest_server.py")],
+    proc = subprocess.Popen([sys.executable, "-m", "rmiot.ingest.worker"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     assert proc.stdout is not None

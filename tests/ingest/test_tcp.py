@@ -183,3 +183,24 @@ async def test_backpressure_stops_reading_instead_of_dropping(
     assert not ingest.pipeline.paused
     assert client.statuses == {ACK_OK: total}
     assert hospital.stored(hospital.plain) == total
+
+
+async def test_a_flooding_device_is_rate_limited_alone(client: RmfClient, hospital: Hospital,
+                                                       ingest: IngestService) -> None:
+    from rmiot.core_ext import ACK_RATE_LIMITED
+    from rmiot.security.limits import RateLimiter
+
+    abuse: list[tuple[str, int]] = []
+    ingest.pipeline.per_device = RateLimiter(50, 50, abuse_threshold=10)
+    ingest.pipeline.on_abuse = lambda kind, key: abuse.append((kind, key))
+    ts = now_us()
+    client.send_raw(b"".join(vitals(hospital.tenant, hospital.plain, s, ts + s)
+                             for s in range(200)))
+    client.send_raw(vitals(hospital.tenant, hospital.keyed, 1, ts, key=hospital.key))
+    await client.drain()
+    assert await client.wait_acks(201, 10)
+    statuses = [s for d, _, s in client.acks if d == hospital.plain]
+    assert statuses.count(ACK_OK) == 50 and statuses.count(ACK_RATE_LIMITED) == 150
+    assert [s for d, _, s in client.acks if d == hospital.keyed] == [ACK_OK]  # others unharmed
+    assert abuse == [("device", hospital.plain)]
+    assert hospital.stored(hospital.plain) == 50

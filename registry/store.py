@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from rmiot.registry.view import key_aad
+from rmiot.security.sealed import device_key_aad
 from rmiot.security.sm4 import Keyring
 
 ALGORITHMS = {"hmac-sha256": 1, "hmac-sm3": 2}
@@ -52,7 +52,7 @@ def add_key(conn: psycopg.Connection[Any], keyring: Keyring, device_id: int,
     conn.execute("INSERT INTO device_keys (device_id, version, alg, key_enc) "
                  "VALUES (%s, %s, %s, %s)",
                  (device_id, version, ALGORITHMS[algorithm],
-                  keyring.seal(key, key_aad(device_id))))
+                  keyring.seal(key, device_key_aad(device_id))))
     return version, key
 
 

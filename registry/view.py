@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from rmiot.security.sealed import device_key_aad
 from rmiot.security.sm4 import Keyring, SealError
 
 log = logging.getLogger("rmiot.registry.view")
@@ -135,7 +136,7 @@ class DeviceView:
         if sealed is None:
             return None
         try:
-            return self.keyring.open(bytes(sealed), key_aad(device_id))
+            return self.keyring.open(bytes(sealed), device_key_aad(device_id))
         except SealError as exc:
             log.error("device key does not open; the device cannot authenticate",
                       extra={"device": device_id, "error": str(exc)})
@@ -144,8 +145,3 @@ class DeviceView:
     def _changed(self, device_id: int) -> None:
         for listener in self.listeners:
             listener(device_id)
-
-
-def key_aad(device_id: int) -> bytes:
-    """Associated data binding a sealed key to its device."""
-    return b"rmiot-device-key:" + str(device_id).encode()

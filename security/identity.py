@@ -30,6 +30,7 @@ import pyotp
 
 from rmiot.config import SecurityConfig
 from rmiot.security import passwords
+from rmiot.security.sealed import totp_aad
 from rmiot.security.sessions import SessionInfo, new_token, token_hash
 from rmiot.security.sm4 import Keyring
 
@@ -57,10 +58,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _totp_aad(user_id: int) -> bytes:
-    return b"rmiot-totp:" + str(user_id).encode()
-
-
 async def create_user(conn: psycopg.AsyncConnection[Any], username: str, password: str,
                       tenant_id: int | None, display_name: str = "",
                       must_change: bool = True) -> int:
@@ -81,7 +78,7 @@ async def enroll_totp(conn: psycopg.AsyncConnection[Any], keyring: Keyring,
     """Give a user a new TOTP secret (sealed at rest); returns it once, base32."""
     secret = pyotp.random_base32()
     await conn.execute("UPDATE users SET totp_secret_enc = %s WHERE id = %s",
-                       (keyring.seal(secret.encode(), _totp_aad(user_id)), user_id))
+                       (keyring.seal(secret.encode(), totp_aad(user_id)), user_id))
     return secret
 
 
@@ -120,7 +117,7 @@ async def _login(conn: psycopg.AsyncConnection[Any], cfg: SecurityConfig, keyrin
         if totp_enc is None:
             return LoginError("TOTP_NOT_ENROLLED", "this account needs a TOTP second factor; "
                               "ask the security administrator to enrol it", user_id)
-        secret = keyring.open(bytes(totp_enc), _totp_aad(user_id)).decode()
+        secret = keyring.open(bytes(totp_enc), totp_aad(user_id)).decode()
         if not (totp_code and pyotp.TOTP(secret).verify(totp_code, valid_window=1)):
             await _failed(conn, cfg, user_id, failures)
             return LoginError("TOTP_REQUIRED", "a valid TOTP code is required", user_id)

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from rmiot.security.sealed import patient_aad
 from rmiot.security.sm4 import Keyring
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
@@ -76,16 +77,12 @@ def pseudonym(key: bytes, id_card: str) -> str:
     return hmac.new(key, normalised, "sm3").hexdigest()
 
 
-def _aad(patient_id: int) -> bytes:
-    return b"rmiot-patient:" + str(patient_id).encode()
-
-
 def seal_identity(keyring: Keyring, patient_id: int, identity: PatientIdentity) -> bytes:
-    return keyring.seal(identity.to_json(), _aad(patient_id))
+    return keyring.seal(identity.to_json(), patient_aad(patient_id))
 
 
 def open_identity(keyring: Keyring, patient_id: int, sealed: bytes) -> PatientIdentity:
-    return PatientIdentity.from_json(keyring.open(sealed, _aad(patient_id)))
+    return PatientIdentity.from_json(keyring.open(sealed, patient_aad(patient_id)))
 
 
 def register_patient(conn: psycopg.Connection[Any], keyring: Keyring, pseudo_key: bytes,

@@ -61,3 +61,31 @@ def test_masking_by_the_examples_of_the_standard() -> None:
     assert shown.emergency_contacts[0].name == "李*"
     assert patients.mask_name("欧阳娜娜") == "欧***"
     assert patients.mask_id_card("12345") == "*****"
+
+
+def test_key_rotation_reseals_everything(database: str, ring: Keyring, tmp_path: Path) -> None:
+    from rmiot.registry import store as registry
+    from rmiot.security.sealed import reseal_all
+
+    key = patients.pseudonym_key(tmp_path / "keys")
+    with psycopg.connect(database, autocommit=True) as conn:
+        region = tenants.create_tenant(conn, f"kr-{time.time_ns()}", "Region", "region")
+        patient, _ = patients.register_patient(conn, ring, key, region, ZHANG)
+        device = registry.register_device(conn, region)
+        _, device_key = registry.add_key(conn, ring, device)
+        new_id = ring.rotate()
+        counts = reseal_all(conn, ring)
+        assert counts["patients"] >= 1 and counts["device_keys"] >= 1
+        # Nothing of this keyring is left under the old key: drop it and all still opens.
+        (ring.directory / "kek-1").unlink()
+        fresh = Keyring.load(ring.directory)
+        sealed = conn.execute("SELECT identity_enc FROM patients WHERE id = %s",
+                              (patient,)).fetchone()
+        assert sealed is not None and bytes(sealed[0])[1] == new_id
+        assert patients.open_identity(fresh, patient, bytes(sealed[0])) == ZHANG
+        stored = conn.execute("SELECT key_enc FROM device_keys WHERE device_id = %s",
+                              (device,)).fetchone()
+        assert stored is not None
+        from rmiot.security.sealed import device_key_aad
+
+        assert fresh.open(bytes(stored[0]), device_key_aad(device)) == device_key

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 import time
@@ -32,10 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
+from common import fresh_database  # benches/common.py
 
 from rmiot import db
-from rmiot.config import load
-from rmiot.deploy import cluster, migrate
+from rmiot.deploy import cluster
 from rmiot.security.audit import GENESIS, AuditLog, AuditRecord, record_hash, verify
 
 DATABASE = "rmiot_bench_audit"
@@ -47,17 +46,7 @@ def say(msg: str) -> None:
 
 
 def prepare_database() -> tuple[Any, str, bool]:
-    """A fresh rmiot_bench_audit database; True when the private cluster was started here."""
-    cfg = load()
-    cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, name=DATABASE))
-    started = False
-    if cfg.database.private:
-        pg = cluster.Cluster(cfg)
-        started = pg.start()
-        pg.drop_database(DATABASE)
-        pg.ensure_database()
-    migrate.migrate(db.admin_dsn(cfg))
-    return cfg, db.app_dsn(cfg), started
+    return fresh_database(DATABASE)
 
 
 def records(count: int, actor: str) -> list[AuditRecord]:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from common import fresh_database  # benches/common.py
 
 from rmiot import db
-from rmiot.config import load
-from rmiot.deploy import cluster, migrate
+from rmiot.deploy import cluster
 from rmiot.security.authz import OBJECTS, Authorizer, casbin_enforcer
 
 DATABASE = "rmiot_bench_authz"
@@ -55,19 +55,7 @@ def say(msg: str) -> None:
 
 def prepare_database() -> tuple[Any, bool]:
     """A fresh, migrated rmiot_bench_authz; True when the private cluster was started here."""
-    cfg = load()
-    cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, name=DATABASE))
-    started = False
-    if cfg.database.private:
-        pg = cluster.Cluster(cfg)
-        started = pg.start()
-        pg.drop_database(DATABASE)
-        pg.ensure_database()
-    else:
-        with db.connect(db.admin_dsn(cfg, "postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    migrate.migrate(db.admin_dsn(cfg))
+    cfg, _, started = fresh_database(DATABASE)
     return cfg, started
 
 

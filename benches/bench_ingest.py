@@ -19,7 +19,6 @@ object with every figure.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -33,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from common import fresh_database  # benches/common.py
 
 from rmiot import db
-from rmiot.config import load
 from rmiot.core_ext import (
     FLAG_ACK_REQ,
     IMPL,
@@ -45,7 +44,7 @@ from rmiot.core_ext import (
     copy_trailer,
     encode_frame,
 )
-from rmiot.deploy import cluster, migrate
+from rmiot.deploy import cluster
 from rmiot.registry import store
 from rmiot.tenants import store as tenants_store
 
@@ -69,16 +68,7 @@ def say(msg: str) -> None:
 
 def prepare_database() -> tuple[Any, str, bool]:
     """A fresh rmiot_bench database; True when the private cluster was started here."""
-    cfg = load()
-    cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, name="rmiot_bench"))
-    started = False
-    if cfg.database.private:
-        pg = cluster.Cluster(cfg)
-        started = pg.start()
-        pg.drop_database("rmiot_bench")
-        pg.ensure_database()
-    migrate.migrate(db.admin_dsn(cfg))
-    return cfg, db.app_dsn(cfg), started
+    return fresh_database("rmiot_bench")
 
 
 def register(dsn: str) -> tuple[int, int]:

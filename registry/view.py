@@ -6,7 +6,7 @@ reloads a device — or, for a tenant change, that tenant's devices — as soon 
 the change commits, so a revoked key or a suspended device is refused on the
 next frame of every open connection, typically within milliseconds. If the
 listening connection drops, the view reconnects and reloads everything (a
-change made while it was away is not missed).
+change made while it was away is not missed): see ``rmiot.db.ChangeFollower``.
 
 Which devices may send: lifecycle states ``registered``, ``active`` and
 ``maintenance`` in an enabled tenant. HMAC is required when the device says so,
@@ -16,8 +16,6 @@ sealed (SM4-GCM, bound to the device id) and opened here once per change.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from rmiot.db import ChangeFollower
 from rmiot.security.sealed import device_key_aad
 from rmiot.security.sm4 import Keyring, SealError
 
@@ -56,14 +55,15 @@ class DeviceEntry:
     key: bytes | None
 
 
-class DeviceView:
+class DeviceView(ChangeFollower):
+    channels = (CHANNEL,)
+    name = "device view"
+
     def __init__(self, dsn: str, keyring: Keyring) -> None:
-        self.dsn = dsn
+        super().__init__(dsn)
         self.keyring = keyring
         self.devices: dict[int, DeviceEntry] = {}
         self.listeners: list[Callable[[int], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
 
     def get(self, device_id: int) -> DeviceEntry | None:
         return self.devices.get(device_id)
@@ -73,49 +73,17 @@ class DeviceView:
         entry = self.devices.get(device_id)
         return entry.key if entry else None
 
-    async def start(self) -> None:
-        """Load every device and keep following changes; returns once loaded."""
-        self._task = asyncio.create_task(self._follow(), name="device-view")
-        waiter = asyncio.create_task(self._ready.wait())
-        done, _ = await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            waiter.cancel()
-            self._task.result()  # raises the reason it could not load
+    async def load_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._reload(conn, "", ())
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                # Two connections: one cannot run queries while it waits in notifies().
-                listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                query = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                async with listen, query:
-                    await listen.execute(f"LISTEN {CHANNEL}")
-                    await self._reload(query, "", ())
-                    self._ready.set()
-                    delay = 0.1
-                    async for note in listen.notifies():
-                        await self._apply(query, note.payload)
-            except psycopg.OperationalError as exc:
-                if not self._ready.is_set() and delay > 2:
-                    raise
-                log.warning("device view lost its database connection; retrying",
-                            extra={"error": str(exc).strip(), "retry_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _apply(self, conn: psycopg.AsyncConnection[Any], payload: str) -> None:
-        kind, _, ident = payload.partition(":")
-        if kind == "device":
-            await self._reload(conn, " WHERE d.id = %s", (int(ident),), gone=int(ident))
-        elif kind == "tenant":
-            await self._reload(conn, " WHERE d.tenant_id = %s", (int(ident),))
+    async def apply(self, conn: psycopg.AsyncConnection[Any],
+                    notes: list[psycopg.Notify]) -> None:
+        for payload in dict.fromkeys(n.payload for n in notes):  # once each, in order
+            kind, _, ident = payload.partition(":")
+            if kind == "device":
+                await self._reload(conn, " WHERE d.id = %s", (int(ident),), gone=int(ident))
+            elif kind == "tenant":
+                await self._reload(conn, " WHERE d.tenant_id = %s", (int(ident),))
 
     async def _reload(self, conn: psycopg.AsyncConnection[Any], where: str,
                       params: tuple[int, ...], gone: int | None = None) -> None:

@@ -11,6 +11,9 @@ migrations.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 import psycopg
@@ -18,6 +21,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from rmiot.config import Config, ConfigError
+
+log = logging.getLogger("rmiot.db")
 
 SUPERUSER = "postgres"
 # The unprivileged role the platform connects as (migration 0001 grants its rights).
@@ -95,3 +100,79 @@ class DatabaseUnreachable(Exception):
     def __init__(self, dsn: str, cause: BaseException) -> None:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         super().__init__(f"cannot reach the database at {describe(dsn)}: {reason}")
+
+
+class ChangeFollower:
+    """Base of the in-memory views kept fresh by LISTEN/NOTIFY (the registry's
+    device view, the Authorizer).
+
+    Two connections: one LISTENs (it cannot run queries while it waits for
+    notifications), the other re-reads. LISTEN comes before the full load, so a
+    change committed in between is both loaded and notified (harmless), never
+    missed. A burst of notifications is drained and handed over in one call.
+    When the connection is lost the view keeps what it has, reconnects with
+    backoff (0.1 s to 5 s) and loads everything again; before the first load, a
+    database that is not there is retried a few times, then reported.
+
+    Subclasses set ``channels`` and ``name`` and implement ``load_all`` and
+    ``apply``.
+    """
+
+    channels: tuple[str, ...] = ()
+    name = "view"
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def load_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        raise NotImplementedError
+
+    async def apply(self, conn: psycopg.AsyncConnection[Any],
+                    notes: list[psycopg.Notify]) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Load everything and keep following; returns once loaded."""
+        self._task = asyncio.create_task(self._follow(), name=self.name)
+        waiter = asyncio.create_task(self._ready.wait())
+        done, _ = await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            waiter.cancel()
+            self._task.result()  # raises the reason it could not load
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                query = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                async with listen, query:
+                    for channel in self.channels:
+                        await listen.execute(f"LISTEN {channel}".encode())
+                    await self.load_all(query)
+                    self._ready.set()
+                    delay = 0.1
+                    while True:
+                        notes = [n async for n in listen.notifies(stop_after=1)]
+                        notes += [n async for n in listen.notifies(timeout=0.0)]
+                        if notes:
+                            await self.apply(query, notes)
+            except psycopg.Error as exc:
+                lost = isinstance(exc, psycopg.OperationalError)
+                if not self._ready.is_set() and (delay > 2 or not lost):
+                    raise
+                log.warning(f"{self.name} lost its database connection; keeping what it has "
+                            "and retrying" if lost else f"{self.name} could not re-read; "
+                            "keeping what it has and retrying",
+                            extra={"error": str(exc).strip(), "retry_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -42,7 +42,6 @@ auditor and audit_admin) is also enforced by the table's constraints.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -52,6 +51,7 @@ import casbin
 import psycopg
 from casbin.persist.adapter import Adapter
 
+from rmiot.db import ChangeFollower
 from rmiot.security.tenant_tree import TenantTree
 
 log = logging.getLogger("rmiot.security.authz")
@@ -123,15 +123,16 @@ class PolicySnapshot:
         return frozenset().union(*(self.tree.subtree(t) for t in tops))
 
 
-class Authorizer:
+class Authorizer(ChangeFollower):
     """Decisions for one platform process (see the module docstring)."""
 
+    channels = (CHANNEL, REGISTRY_CHANNEL)
+    name = "authorizer"
+
     def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
+        super().__init__(dsn)
         self._policy = PolicySnapshot(TenantTree({}), {}, frozenset())
         self._version = 0
-        self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         # Every re-read + swap runs under this lock, so a re-read that started
         # later is applied later: the snapshot never goes back in time.
         self._lock = asyncio.Lock()
@@ -277,62 +278,18 @@ class Authorizer:
 
     # -- following the database --------------------------------------------------
 
-    async def start(self) -> None:
-        """Load tree and policy, then follow changes; returns once loaded."""
-        self._task = asyncio.create_task(self._follow(), name="authorizer")
-        waiter = asyncio.create_task(self._ready.wait())
-        done, _ = await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            waiter.cancel()
-            self._task.result()  # raises the reason it could not load
+    async def load_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async with self._lock:
+            await self._apply(conn, Changes(everything=True))
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _follow(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                # Two connections: one cannot run queries while it waits in notifies().
-                listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                query = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                async with listen, query:
-                    # LISTEN before loading: a change committed in between is
-                    # both in the load and notified (harmless), never in neither.
-                    await listen.execute(f"LISTEN {CHANNEL}")
-                    await listen.execute(f"LISTEN {REGISTRY_CHANNEL}")
-                    async with self._lock:
-                        await self._apply(query, Changes(everything=True))
-                    self._ready.set()
-                    delay = 0.1
-                    while True:
-                        changes = Changes()
-                        async for note in listen.notifies(stop_after=1):
-                            changes.note(note.channel, note.payload)
-                        # Drain what is already here (a moved subtree notifies once
-                        # per row) so one re-read covers the burst.
-                        async for note in listen.notifies(timeout=0.0):
-                            changes.note(note.channel, note.payload)
-                        if changes:
-                            async with self._lock:
-                                await self._apply(query, changes)
-            except psycopg.Error as exc:
-                lost = isinstance(exc, psycopg.OperationalError)
-                # Before the first load, a database that is not there yet is
-                # retried a few times; a wrong schema is reported at once.
-                if not self._ready.is_set() and (delay > 2 or not lost):
-                    raise
-                log.warning("authorizer lost its database connection; keeping the last "
-                            "policy and retrying" if lost else
-                            "authorizer could not re-read the policy; keeping the last "
-                            "one and retrying",
-                            extra={"error": str(exc).strip(), "retry_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def apply(self, conn: psycopg.AsyncConnection[Any],
+                    notes: list[psycopg.Notify]) -> None:
+        changes = Changes()
+        for note in notes:  # a moved subtree notifies once a row: one re-read covers it
+            changes.note(note.channel, note.payload)
+        if changes:
+            async with self._lock:
+                await self._apply(conn, changes)
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], changes: Changes) -> None:
         """Re-read what ``changes`` names and swap in the new snapshot (under the lock)."""

@@ -1,8 +1,8 @@
 """Token-bucket rate limits, keyed (per tenant, per device, per caller).
 
 ``RateLimiter(rate, burst)`` keeps one bucket per key: ``rate`` tokens a
-second, at most ``burst`` saved up; ``take(key, n)`` spends n tokens or
-refuses. Limits fail closed for the key concerned only. Buckets idle long
+second, at most ``burst`` saved up; ``take(key)`` spends one token or
+refuses, ``take_up_to(key, n)`` as many of n as there are. Limits fail closed for the key concerned only. Buckets idle long
 enough to be full again are forgotten, so memory follows the active keys.
 A key refused more than ``abuse_threshold`` times within a minute is reported
 once a minute by ``take`` returning ``Refusal.SUSTAINED`` so the caller audits
@@ -41,26 +41,9 @@ class RateLimiter:
         self.buckets: dict[object, _Bucket] = {}
         self._next_sweep = 0.0
 
-    def take(self, key: object, n: float = 1.0, now: float | None = None) -> Refusal:
-        now = time.monotonic() if now is None else now
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = _Bucket(self.burst, now, window_start=now)
-        else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
-        if bucket.tokens >= n:
-            bucket.tokens -= n
-            if now >= self._next_sweep:
-                self._sweep(now)
-            return Refusal.NONE
-        if now - bucket.window_start > 60.0:
-            bucket.window_start, bucket.refused = now, 0
-        bucket.refused += 1
-        if bucket.refused > self.abuse_threshold and now - bucket.reported > 60.0:
-            bucket.reported = now
-            return Refusal.SUSTAINED
-        return Refusal.REFUSED
+    def take(self, key: object, now: float | None = None) -> Refusal:
+        """Spend one token for one request of ``key``, or refuse it."""
+        return self.take_up_to(key, 1, now)[1]
 
     def take_up_to(self, key: object, n: int, now: float | None = None) -> tuple[int, Refusal]:
         """Spend up to n whole tokens at once (n requests of one key, e.g. the

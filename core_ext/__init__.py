@@ -34,7 +34,9 @@ TRUNCATED; ``drop_pending()`` is the caller's timeout for a frame that never
 completes (a corrupted length can hide the frames after it until then).
 
 Keys.  ``keys`` maps a device id to its HMAC key (a mapping or a callable
-returning ``bytes`` or ``None``); it is consulted only for frames with AUTH != 0.
+returning ``bytes``, a tuple of ``bytes`` — several keys during a rotation's
+overlap window, any of which may sign — or ``None``); it is consulted only for
+frames with AUTH != 0.
 No key (or an empty one) is AUTH_FAILED: authentication fails closed.  If the
 lookup raises, ``feed()`` re-raises and decodes the same bytes again next time.
 

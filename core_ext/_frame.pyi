@@ -47,8 +47,8 @@ __all__ = [
     "encode_frame",
 ]
 
-_KeyLookup = Callable[[int], bytes | None]
-_Keys = _KeyLookup | Mapping[int, bytes] | None
+_KeyLookup = Callable[[int], bytes | tuple[bytes, ...] | None]
+_Keys = _KeyLookup | Mapping[int, bytes] | Mapping[int, tuple[bytes, ...]] | None
 _Buffer = bytes | bytearray | memoryview
 
 MAGIC: Final = b"RM"

@@ -117,8 +117,8 @@ ERROR_CODES: Final = (
     "MALFORMED",
 )
 
-KeyLookup = Callable[[int], bytes | None]
-Keys = KeyLookup | Mapping[int, bytes] | None
+KeyLookup = Callable[[int], bytes | tuple[bytes, ...] | None]
+Keys = KeyLookup | Mapping[int, bytes] | Mapping[int, tuple[bytes, ...]] | None
 Field = tuple[int, int, object]
 
 _HEADER = struct.Struct(">2sBBBBHIQIq")
@@ -426,8 +426,12 @@ def _build(raw: bytes, offset: int, err_len: int, lookup: KeyLookup | None) -> F
         if not key:
             return _error("AUTH_FAILED", offset, err_len, _header_of(raw, 0))
         signed = HEADER_LEN + body_len
-        mac = hmac.digest(key, raw[:signed], _HMAC_ALG[auth])
-        if not hmac.compare_digest(mac[:TAG_LEN], raw[signed : signed + TAG_LEN]):
+        # Several keys during a rotation's overlap: any of them may sign.
+        candidates: tuple[bytes, ...] = key if isinstance(key, tuple) else (key,)
+        tag = raw[signed : signed + TAG_LEN]
+        if not any(one and hmac.compare_digest(
+                hmac.digest(one, raw[:signed], _HMAC_ALG[auth])[:TAG_LEN], tag)
+                for one in candidates):
             return _error("AUTH_FAILED", offset, err_len, _header_of(raw, 0))
     fields = _parse_body(raw, count)
     if fields is None:

@@ -17,6 +17,7 @@ sealed (SM4-GCM, bound to the device id) and opened here once per change.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +36,15 @@ _SELECT = """
 SELECT d.id, d.tenant_id,
        coalesce(d.auth_required, (t.settings->>'require_hmac')::boolean, false),
        d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
-       k.key_enc
+       k.sealed, k.until
   FROM devices d
   JOIN tenants t ON t.id = d.tenant_id
   LEFT JOIN LATERAL (
-        SELECT key_enc FROM device_keys k
+        SELECT array_agg(key_enc ORDER BY version DESC) AS sealed,
+               array_agg(extract(epoch FROM not_after)::float8 ORDER BY version DESC) AS until
+          FROM device_keys k
          WHERE k.device_id = d.id AND k.revoked_at IS NULL AND k.not_before <= now()
-           AND (k.not_after IS NULL OR k.not_after > now())
-         ORDER BY k.version DESC LIMIT 1) k ON true
+           AND (k.not_after IS NULL OR k.not_after > now())) k ON true
 """
 
 
@@ -52,7 +54,9 @@ class DeviceEntry:
     tenant_id: int
     auth_required: bool
     may_send: bool
-    key: bytes | None
+    # Valid HMAC keys, newest first, each with the end of its validity (Unix
+    # seconds; None: until rotated or revoked). Two during a rotation's overlap.
+    keys: tuple[tuple[bytes, float | None], ...]
 
 
 class DeviceView(ChangeFollower):
@@ -68,10 +72,18 @@ class DeviceView(ChangeFollower):
     def get(self, device_id: int) -> DeviceEntry | None:
         return self.devices.get(device_id)
 
-    def key(self, device_id: int) -> bytes | None:
-        """The device's current HMAC key (the decoder's key lookup)."""
+    def key(self, device_id: int) -> bytes | tuple[bytes, ...] | None:
+        """The decoder's key lookup: the device's one key, or during a rotation's
+        overlap the keys still valid now (an old key stops at its end of
+        validity by the clock, with no notification needed)."""
         entry = self.devices.get(device_id)
-        return entry.key if entry else None
+        if entry is None or not entry.keys:
+            return None
+        if len(entry.keys) == 1 and entry.keys[0][1] is None:
+            return entry.keys[0][0]
+        now = time.time()
+        valid = tuple(key for key, until in entry.keys if until is None or until > now)
+        return valid if len(valid) > 1 else (valid[0] if valid else None)
 
     async def load_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._reload(conn, "", ())
@@ -94,9 +106,11 @@ class DeviceView(ChangeFollower):
         if gone is not None and not rows:
             self.devices.pop(gone, None)
             self._changed(gone)
-        for dev_id, tenant_id, auth_required, may_send, key_enc in rows:
-            self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
-                                               self._open_key(dev_id, key_enc))
+        for dev_id, tenant_id, auth_required, may_send, sealed, until in rows:
+            keys = tuple((key, end) for key, end in zip(
+                (self._open_key(dev_id, s) for s in sealed or ()), until or (), strict=True)
+                if key is not None)
+            self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send, keys)
             if where:
                 self._changed(dev_id)
 

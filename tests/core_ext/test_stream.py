@@ -685,3 +685,18 @@ def test_nothing_pickles(impl: ModuleType) -> None:
     for thing in (frame, impl.decode_frame(b"x"), impl.FrameDecoder()):
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(thing)
+
+
+def test_any_of_several_keys_may_sign_during_a_rotation(impl: ModuleType) -> None:
+    """A lookup may answer a tuple of keys (old and new overlap): any verifies."""
+    old, new, other = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    frames = [impl.encode_frame(1, 7, 9, seq, 1_763_000_000_000_000 + seq, [(1, 1, 72.0)],
+                                auth=auth, key=key)
+              for seq, (auth, key) in enumerate(((1, old), (1, new), (2, new), (1, other)))]
+    decoder = impl.FrameDecoder(lambda device: (new, old))
+    events = decoder.feed(b"".join(frames))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Frame", "Frame", "Frame", "DecodeError"]
+    assert events[3].code == "AUTH_FAILED"
+    assert impl.decode_frame(frames[0], {9: (new, old)}).seq == 0  # a mapping works too
+    assert impl.decode_frame(frames[0], {9: ()}).code == "AUTH_FAILED"  # no key: fails closed

@@ -204,3 +204,25 @@ async def test_a_flooding_device_is_rate_limited_alone(client: RmfClient, hospit
     assert [s for d, _, s in client.acks if d == hospital.keyed] == [ACK_OK]  # others unharmed
     assert abuse == [("device", hospital.plain)]
     assert hospital.stored(hospital.plain) == 50
+
+
+async def test_key_rotation_overlaps_then_only_the_new_key_works(
+        client: RmfClient, hospital: Hospital, ingest: IngestService) -> None:
+    from rmiot.registry.credentials import rotate_key
+
+    with hospital.conn() as conn:
+        _, new_key = rotate_key(conn, hospital.keyring, hospital.keyed, overlap_s=2)
+    await eventually(lambda: isinstance(ingest.view.key(hospital.keyed), tuple), 1.0)
+    ts = now_us()
+    client.send_raw(vitals(hospital.tenant, hospital.keyed, 1, ts, key=hospital.key)
+                    + vitals(hospital.tenant, hospital.keyed, 2, ts + 1, key=new_key))
+    await client.drain()
+    assert await client.wait_acks(2, 5)
+    assert [s for _, _, s in client.acks] == [ACK_OK, ACK_OK]  # both keys, in the window
+    await eventually(lambda: ingest.view.key(hospital.keyed) == new_key, 5.0, interval=0.1)
+    client.send_raw(vitals(hospital.tenant, hospital.keyed, 3, ts + 2, key=hospital.key)
+                    + vitals(hospital.tenant, hospital.keyed, 4, ts + 3, key=new_key))
+    await client.drain()
+    assert await client.wait_acks(4, 5)
+    assert [s for _, _, s in client.acks[2:]] == [ACK_AUTH_FAILED, ACK_OK]  # the window closed
+    assert hospital.stored(hospital.keyed) == 3

@@ -124,7 +124,8 @@ class Pipeline:
                 code, status = "AUTH_REQUIRED", ACK_AUTH_REQUIRED
             elif ev.kind not in DEVICE_KINDS:
                 code, status = "MALFORMED", ACK_MALFORMED
-            elif ev.ts_us < oldest:
+            elif ev.ts_us < (oldest if entry.late_window_us is None
+                             else now_us - entry.late_window_us):
                 code, status = "STALE", ACK_STALE
             elif ev.ts_us > newest:
                 code, status = "FUTURE", ACK_STALE

@@ -10,7 +10,8 @@ change made while it was away is not missed): see ``rmiot.db.ChangeFollower``.
 
 Which devices may send: lifecycle states ``registered``, ``active`` and
 ``maintenance`` in an enabled tenant. HMAC is required when the device says so,
-or else when its tenant's ``settings.require_hmac`` is true. Keys are stored
+or else when its tenant's (inherited) ``require_hmac`` setting is true; the
+tenant's ``late_window_s`` replaces ``ingest.past_window_s`` for its devices. Keys are stored
 sealed (SM4-GCM, bound to the device id) and opened here once per change.
 """
 
@@ -34,8 +35,9 @@ CHANNEL = "rmiot_registry"
 
 _SELECT = """
 SELECT d.id, d.tenant_id,
-       coalesce(d.auth_required, (t.settings->>'require_hmac')::boolean, false),
+       coalesce(d.auth_required, (rmiot_tenant_setting(t.id, 'require_hmac'))::boolean, false),
        d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
+       (rmiot_tenant_setting(t.id, 'late_window_s'))::bigint,
        k.sealed, k.until
   FROM devices d
   JOIN tenants t ON t.id = d.tenant_id
@@ -54,6 +56,8 @@ class DeviceEntry:
     tenant_id: int
     auth_required: bool
     may_send: bool
+    # The tenant's late-arrival window in microseconds (None: ingest.past_window_s).
+    late_window_us: int | None
     # Valid HMAC keys, newest first, each with the end of its validity (Unix
     # seconds; None: until rotated or revoked). Two during a rotation's overlap.
     keys: tuple[tuple[bytes, float | None], ...]
@@ -94,8 +98,9 @@ class DeviceView(ChangeFollower):
             kind, _, ident = payload.partition(":")
             if kind == "device":
                 await self._reload(conn, " WHERE d.id = %s", (int(ident),), gone=int(ident))
-            elif kind == "tenant":
-                await self._reload(conn, " WHERE d.tenant_id = %s", (int(ident),))
+            elif kind == "tenant":  # its settings reach its whole subtree
+                await self._reload(conn, " WHERE d.tenant_id IN (SELECT id FROM tenants "
+                                   "WHERE %s = ANY(path))", (int(ident),))
 
     async def _reload(self, conn: psycopg.AsyncConnection[Any], where: str,
                       params: tuple[int, ...], gone: int | None = None) -> None:
@@ -106,11 +111,12 @@ class DeviceView(ChangeFollower):
         if gone is not None and not rows:
             self.devices.pop(gone, None)
             self._changed(gone)
-        for dev_id, tenant_id, auth_required, may_send, sealed, until in rows:
+        for dev_id, tenant_id, auth_required, may_send, late_s, sealed, until in rows:
             keys = tuple((key, end) for key, end in zip(
                 (self._open_key(dev_id, s) for s in sealed or ()), until or (), strict=True)
                 if key is not None)
-            self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send, keys)
+            self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
+                                               late_s * 1_000_000 if late_s else None, keys)
             if where:
                 self._changed(dev_id)
 

@@ -35,7 +35,8 @@ from common import fresh_database  # benches/common.py
 
 from rmiot import db
 from rmiot.deploy import cluster
-from rmiot.security.audit import GENESIS, AuditLog, AuditRecord, record_hash, verify
+from rmiot.security.audit import GENESIS, AuditLog, AuditRecord, record_hash
+from rmiot.security.audit_verify import verify
 
 DATABASE = "rmiot_bench_audit"
 YIELD_EVERY = 500

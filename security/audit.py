@@ -92,18 +92,19 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import os
 import random
 import struct
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+from rmiot.security.audit_checkpoints import AuditIntegrityError, append_line, checkpoint_line
 
 log = logging.getLogger("rmiot.audit")
 
@@ -133,14 +134,6 @@ _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 class AuditUnavailable(Exception):
     """The audit trail cannot take this record (queue full, not running, or its
     appender failed): refuse the operation it would have recorded."""
-
-
-class AuditIntegrityError(Exception):
-    """The chain failed verification where an operation needs it intact."""
-
-
-class CheckpointFileError(Exception):
-    """The checkpoint file cannot be read or has a malformed line."""
 
 
 def sm3(data: bytes) -> bytes:
@@ -301,78 +294,22 @@ def _encode(record: AuditRecord) -> _Encoded:
     return _encode_parts(_ts_us(ts), tenant, texts, _detail_bytes(record.detail))
 
 
-# -- checkpoints --------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One line of the checkpoint file: the chain's record ``id`` had ``hash``."""
-
-    ts: str
-    id: int
-    hash: bytes
-    count: int
-    reason: str = ""
-    line: int = 0
-
-
-def _checkpoint_line(id: int, hash: bytes, count: int, reason: str) -> bytes:
-    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return orjson.dumps({"ts": now, "id": id, "hash": hash.hex(), "count": count,
-                         "reason": reason}) + b"\n"
-
-
-def _append_line(path: Path, line: bytes) -> None:
-    """Append one line durably. O_APPEND with a single write keeps lines whole
-    when several processes share the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def stored_row_hash(row: tuple[Any, ...]) -> bytes | None:
+    """The hash a stored row should carry, or None when it cannot be encoded
+    (it was not written by an appender)."""
+    (ident, ts_us, actor, role, tenant, method, obj, outcome, source, request_id, detail,
+     patient, prev, _stored) = row
+    if ts_us is None:
+        return None
     try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def export_checkpoint(dsn: str, path: Path, reason: str = "manual") -> Checkpoint:
-    """Append the chain's current head as a checkpoint line to ``path``."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT last_id, last_hash, count FROM audit_head").fetchone()
-    if row is None:
-        raise AuditIntegrityError("audit_head has no row (migration 0004 not applied?)")
-    line = _checkpoint_line(row[0], bytes(row[1]), row[2], reason)
-    _append_line(path, line)
-    return _parse_checkpoint(line, 0)
-
-
-def _parse_checkpoint(line: bytes, number: int) -> Checkpoint:
-    data = orjson.loads(line)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    raw = bytes.fromhex(data["hash"])
-    if len(raw) != 32:
-        raise ValueError("hash is not 32 bytes")
-    ident, count = data["id"], data["count"]
-    if not isinstance(ident, int) or not isinstance(count, int) or ident < 0:
-        raise ValueError("id and count must be non-negative integers")
-    return Checkpoint(str(data["ts"]), ident, raw, count, str(data.get("reason", "")), number)
-
-
-def read_checkpoints(path: Path) -> list[Checkpoint]:
-    """Every checkpoint in the file, in file order."""
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointFileError(f"cannot read checkpoint file {path}: "
-                                  f"{exc.strerror or exc}") from None
-    out = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(_parse_checkpoint(line, number))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointFileError(f"{path} line {number} is not a checkpoint: {exc}") from None
-    return out
+        texts = tuple(None if t is None else t.encode() for t in
+                      (actor, role, method, obj, outcome, source, request_id, patient))
+        detail_bytes = None if detail is None else \
+            orjson.dumps(orjson.loads(detail), option=orjson.OPT_SORT_KEYS)
+        enc = _encode_parts(ts_us, tenant, texts, detail_bytes)
+    except (ValueError, TypeError, orjson.JSONDecodeError, struct.error):
+        return None
+    return sm3(bytes(prev) + FORMAT_TAG + _I64.pack(ident) + enc.hashed_tail)
 
 
 # -- appending ----------------------------------------------------------------
@@ -619,9 +556,9 @@ class AuditLog:
         mark = (row[0], bytes(row[1]))
         if mark == self._last_checkpoint:
             return  # nothing new since this log's last line
-        line = _checkpoint_line(row[0], bytes(row[1]), row[2], reason)
+        line = checkpoint_line(row[0], bytes(row[1]), row[2], reason)
         try:
-            await asyncio.to_thread(_append_line, self.checkpoints, line)
+            await asyncio.to_thread(append_line, self.checkpoints, line)
         except OSError as exc:
             # Records keep flowing: a checkpoint is evidence kept beside the
             # chain, not part of it; the next interval tries again.
@@ -640,238 +577,3 @@ def _task_error(task: asyncio.Task[None]) -> BaseException | None:
     if task.cancelled() or not task.done():
         return None
     return task.exception()
-
-
-# -- verification -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Problem:
-    """The first thing wrong with the chain: at record ``id``, of ``kind``."""
-
-    id: int
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    records: int
-    first_id: int | None
-    last_id: int | None
-    head_hash: bytes
-    anchor: str
-    checkpoints_checked: int
-    problem: Problem | None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-
-# ts as exact microseconds since the Unix epoch (NULL when not finite: a
-# datetime could not hold 'infinity', and no appender writes it).
-_VERIFY_SQL = """SELECT id,
-                        CASE WHEN isfinite(ts)
-                             THEN (extract(epoch FROM ts) * 1000000)::int8 END,
-                        actor, role, tenant_id, method, object, outcome, source,
-                        request_id, detail::text, patient, prev_hash, hash
-                 FROM audit_log ORDER BY id, ts"""
-
-
-def _row_hash(row: tuple[Any, ...]) -> bytes | None:
-    """The hash a stored row should carry, or None when it cannot be encoded
-    (it was not written by an appender)."""
-    (ident, ts_us, actor, role, tenant, method, obj, outcome, source, request_id, detail,
-     patient, prev, _stored) = row
-    if ts_us is None:
-        return None
-    try:
-        texts = tuple(None if t is None else t.encode() for t in
-                      (actor, role, method, obj, outcome, source, request_id, patient))
-        detail_bytes = None if detail is None else \
-            orjson.dumps(orjson.loads(detail), option=orjson.OPT_SORT_KEYS)
-        enc = _encode_parts(ts_us, tenant, texts, detail_bytes)
-    except (ValueError, TypeError, orjson.JSONDecodeError, struct.error):
-        return None
-    return sm3(bytes(prev) + FORMAT_TAG + _I64.pack(ident) + enc.hashed_tail)
-
-
-def verify(dsn: str, checkpoints: Path | None = None) -> VerifyReport:
-    """Walk the chain in id order and report the first problem (module docstring)."""
-    marks: dict[int, list[Checkpoint]] = {}
-    for cp in read_checkpoints(checkpoints) if checkpoints is not None else []:
-        marks.setdefault(cp.id, []).append(cp)
-    latest = max((cp for cps in marks.values() for cp in cps), key=lambda c: c.id, default=None)
-    checked = 0
-    records = 0
-    first_id: int | None = None
-    prev_id: int | None = None
-    prev_hash = GENESIS
-    anchor = "genesis"
-    last_ok_checkpoint: Checkpoint | None = None
-
-    def report(problem: Problem | None) -> VerifyReport:
-        return VerifyReport(records, first_id, prev_id, prev_hash, anchor, checked, problem)
-
-    with psycopg.connect(dsn) as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        with conn.transaction():
-            head = conn.execute("SELECT last_id, last_hash, count FROM audit_head").fetchone()
-            if head is None:
-                return report(Problem(0, "head", "audit_head has no row"))
-            with conn.cursor(name="rmiot_audit_verify") as cur:
-                cur.itersize = 5000
-                cur.execute(_VERIFY_SQL)
-                for row in cur:
-                    ident, row_prev, stored = row[0], bytes(row[12]), bytes(row[13])
-                    computed = _row_hash(row)
-                    if prev_id is None:
-                        problem = _check_start(ident, row_prev, stored, computed, marks)
-                        if problem is not None:
-                            return report(problem)
-                        first_id = ident
-                        if ident != 1:
-                            anchor = f"checkpoint of record {ident} ({marks[ident][0].ts})"
-                    else:
-                        problem = _check_link(prev_id, prev_hash, ident, row_prev, stored,
-                                              computed)
-                        if problem is not None:
-                            return report(problem)
-                    for cp in marks.get(ident, ()):
-                        checked += 1
-                        if cp.hash != stored:
-                            after = (f" (after the checkpoint of record {last_ok_checkpoint.id},"
-                                     " which matched)") if last_ok_checkpoint else ""
-                            return report(Problem(ident, "checkpoint", (
-                                f"differs from the checkpoint of {cp.ts} (line {cp.line}): "
-                                f"the chain was rewritten at or before this record{after}")))
-                        last_ok_checkpoint = cp
-                    prev_id, prev_hash = ident, stored
-                    records += 1
-    last_id, last_hash, count = head[0], bytes(head[1]), head[2]
-    if prev_id is None:
-        named = max(last_id, latest.id if latest else 0)
-        if named > 0:
-            # The first record that should be there: id 1, or the start the
-            # last retention anchored.
-            starts = [cp.id for cps in marks.values() for cp in cps if cp.reason == "retention"]
-            start = max(starts, default=1)
-            return report(Problem(start, "truncated",
-                                  f"the chain is empty, but the head row or a checkpoint "
-                                  f"names record {named} (records {start}..{named} deleted)"))
-        return report(None)
-    if last_id > prev_id:
-        return report(Problem(prev_id + 1, "truncated",
-                              f"records {prev_id + 1}..{last_id} are missing: the chain ends at "
-                              f"{prev_id}, the head row names {last_id} (tail deleted)"))
-    if last_id < prev_id:
-        return report(Problem(last_id + 1, "head",
-                              f"records after {last_id}, where the head row ends, exist: "
-                              "inserted behind the appenders, or the head was moved back"))
-    if last_hash != prev_hash or count != last_id:
-        return report(Problem(prev_id, "head", "the head row's hash or count disagrees with "
-                                               "the last record"))
-    if latest is not None and latest.id > prev_id:
-        return report(Problem(prev_id + 1, "truncated",
-                              f"records {prev_id + 1}..{latest.id} are missing: the chain ends "
-                              f"at {prev_id}, the checkpoint of {latest.ts} (line {latest.line}) "
-                              f"names {latest.id} (tail deleted)"))
-    return report(None)
-
-
-def _check_start(ident: int, row_prev: bytes, stored: bytes, computed: bytes | None,
-                 marks: dict[int, list[Checkpoint]]) -> Problem | None:
-    if ident == 1:
-        if row_prev != GENESIS:
-            return Problem(1, "altered", "the first record does not start from the genesis hash")
-        if computed != stored:
-            return Problem(1, "altered", "the record does not hash to its stored hash "
-                                         "(its content was changed)")
-        return None
-    if computed != stored:
-        return Problem(ident, "altered", "the record does not hash to its stored hash "
-                                         "(its content was changed)")
-    if not any(cp.hash == stored for cp in marks.get(ident, ())):
-        return Problem(ident, "unanchored",
-                       f"the chain starts after retention at id {ident} and no checkpoint "
-                       "names that record: records before it may have been deleted")
-    return None
-
-
-def _check_link(prev_id: int, prev_hash: bytes, ident: int, row_prev: bytes, stored: bytes,
-                computed: bytes | None) -> Problem | None:
-    if ident == prev_id:
-        return Problem(ident, "duplicate", f"a second record with id {ident} (inserted)")
-    if ident > prev_id + 1:
-        missing = f"{prev_id + 1}" if ident == prev_id + 2 else f"{prev_id + 1}..{ident - 1}"
-        return Problem(prev_id + 1, "missing", f"record {missing} is missing (deleted)")
-    if row_prev != prev_hash:
-        if computed == stored:
-            return Problem(prev_id, "rewritten",
-                           f"record {ident} links to a different hash than this record's: "
-                           "this record was replaced with a recomputed hash (or records "
-                           "deleted after it and the rest renumbered)")
-        return Problem(ident, "reordered",
-                       f"the record does not link to record {prev_id} and does not hash at "
-                       "this position: moved from another id (reordered) or forged")
-    if computed != stored:
-        return Problem(ident, "altered", "the record does not hash to its stored hash "
-                                         "(its content was changed)")
-    return None
-
-
-# -- retention ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RetentionResult:
-    first_id: int | None   # the chain's first record afterwards
-    removed: int
-
-
-def drop_older_than(dsn: str, days: int, *, checkpoints: Path) -> RetentionResult:
-    """Remove records older than ``days`` (at least 180) with the
-    administrator's DSN; see the module docstring. The newest record is kept
-    whatever its age, so the chain always has an anchored start."""
-    if days < MIN_RETENTION_DAYS:
-        raise ValueError(f"audit records are kept at least {MIN_RETENTION_DAYS} days "
-                         f"(GB/T 22239-2019; Cybersecurity Law art. 21), not {days}")
-    problem = verify(dsn, checkpoints if checkpoints.exists() else None).problem
-    if problem is not None:
-        raise AuditIntegrityError(f"refusing retention: record {problem.id}: "
-                                  f"{problem.kind}: {problem.message}")
-    cutoff = datetime.now(UTC) - timedelta(days=days)
-    with psycopg.connect(dsn) as conn, conn.transaction():
-        row = conn.execute("SELECT min(id) FROM audit_log WHERE ts >= %s", (cutoff,)).fetchone()
-        keep_from = row[0] if row else None
-        if keep_from is None:
-            row = conn.execute("SELECT max(id) FROM audit_log").fetchone()
-            keep_from = row[0] if row else None
-        if keep_from is None:
-            return RetentionResult(None, 0)
-        row = conn.execute("SELECT min(id) FROM audit_log").fetchone()
-        assert row is not None
-        if row[0] >= keep_from:
-            return RetentionResult(row[0], 0)
-        removed = keep_from - row[0]  # ids are dense: the chain verified above
-        first = conn.execute("SELECT hash, (SELECT min(ts) FROM audit_log WHERE id >= %s) "
-                             "FROM audit_log WHERE id = %s", (keep_from, keep_from)).fetchone()
-        assert first is not None
-        # Anchor the new start outside the database before anything is gone.
-        _append_line(checkpoints, _checkpoint_line(keep_from, bytes(first[0]), keep_from,
-                                                   "retention"))
-        # Whole chunks older than every kept record hold only records to drop;
-        # the rest (ts and id order differ slightly across processes) by id.
-        conn.execute("SELECT drop_chunks('audit_log', older_than => %s::timestamptz)",
-                     (first[1],))
-        conn.execute("DELETE FROM audit_log WHERE id < %s", (keep_from,))
-    log.info("audit retention", extra={"days": days, "first_id": keep_from, "removed": removed})
-    return RetentionResult(keep_from, removed)
-
-
-__all__ = [
-    "GENESIS", "MIN_RETENTION_DAYS", "AuditIntegrityError", "AuditLog", "AuditRecord",
-    "AuditUnavailable", "Checkpoint", "CheckpointFileError", "Problem", "RetentionResult",
-    "VerifyReport", "canonical", "drop_older_than",
-    "export_checkpoint", "read_checkpoints", "record_hash", "sm3", "verify",
-]

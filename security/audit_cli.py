@@ -30,7 +30,8 @@ import psycopg
 
 from rmiot import db
 from rmiot.config import Config, ConfigError, load
-from rmiot.security import audit
+from rmiot.security import audit_checkpoints, audit_verify
+from rmiot.security.audit import MIN_RETENTION_DAYS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,7 +56,7 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="append the chain's head to the checkpoint file now")
     checkpoint.add_argument("--checkpoints", metavar="PATH", type=Path, help=where)
     retain = actions.add_parser(
-        "retain", help=f"drop records older than DAYS (at least {audit.MIN_RETENTION_DAYS}); "
+        "retain", help=f"drop records older than DAYS (at least {MIN_RETENTION_DAYS}); "
                        "needs the administrator's DSN")
     retain.add_argument("--days", type=int, required=True)
     retain.add_argument("--checkpoints", metavar="PATH", type=Path, help=where)
@@ -72,15 +73,15 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "verify":
         return _verify(cfg, args.checkpoints or (default if default.exists() else None))
     if args.action == "checkpoint":
-        cp = audit.export_checkpoint(db.app_dsn(cfg), path)
+        cp = audit_checkpoints.export_checkpoint(db.app_dsn(cfg), path)
         print(f"checkpoint: record {cp.id}, head {cp.hash.hex()} -> {path}")
         return EXIT_OK
     try:
-        result = audit.drop_older_than(db.admin_dsn(cfg), args.days, checkpoints=path)
+        result = audit_verify.drop_older_than(db.admin_dsn(cfg), args.days, checkpoints=path)
     except ValueError as exc:
         print(f"rmiot: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (audit.AuditIntegrityError, audit.CheckpointFileError) as exc:
+    except (audit_checkpoints.AuditIntegrityError, audit_checkpoints.CheckpointFileError) as exc:
         print(f"rmiot: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"removed {result.removed} records; the chain starts at record {result.first_id}"
@@ -90,8 +91,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 def _verify(cfg: Config, checkpoints: Path | None) -> int:
     try:
-        report = audit.verify(db.app_dsn(cfg), checkpoints)
-    except audit.CheckpointFileError as exc:
+        report = audit_verify.verify(db.app_dsn(cfg), checkpoints)
+    except audit_checkpoints.CheckpointFileError as exc:
         print(f"rmiot: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if checkpoints is None:

@@ -2,8 +2,9 @@
 
 ``RateLimiter(rate, burst)`` keeps one bucket per key: ``rate`` tokens a
 second, at most ``burst`` saved up; ``take(key)`` spends one token or
-refuses, ``take_up_to(key, n)`` as many of n as there are. Limits fail closed for the key concerned only. Buckets idle long
-enough to be full again are forgotten, so memory follows the active keys.
+refuses, ``take_up_to(key, n)`` as many of n as there are. Limits fail
+closed for the key concerned only. Buckets idle long enough to be full again
+are forgotten, so memory follows the active keys.
 A key refused more than ``abuse_threshold`` times within a minute is reported
 once a minute by ``take`` returning ``Refusal.SUSTAINED`` so the caller audits
 it (one record, not one per refused request).

@@ -30,17 +30,18 @@ from rmiot.config import Config
 from rmiot.security import audit, audit_cli
 from rmiot.security.audit import (
     GENESIS,
-    AuditIntegrityError,
     AuditLog,
     AuditRecord,
     AuditUnavailable,
     canonical,
-    drop_older_than,
+    record_hash,
+)
+from rmiot.security.audit_checkpoints import (
+    AuditIntegrityError,
     export_checkpoint,
     read_checkpoints,
-    record_hash,
-    verify,
 )
+from rmiot.security.audit_verify import drop_older_than, verify
 from tests.conftest import eventually
 from tests.security.conftest import BASE_TS, SocketProxy, make_record, via
 

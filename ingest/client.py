@@ -3,7 +3,8 @@
 It keeps every frame sent with ACK_REQ until it holds an OK or DUPLICATE ack
 for it (the spec's rule: only then may a device forget a frame), resends the
 unacknowledged ones after a reconnect, and records every
-ack status it received. Used by the tests, the load generator in ``benches/``
+ack status it received, and every COMMAND frame (``commands``; answer one with
+``command_result``). Used by the tests, the load generator in ``benches/``
 and the city simulator; vendors can use it to try their frames.
 """
 
@@ -17,11 +18,24 @@ from dataclasses import dataclass, field
 from rmiot.core_ext import (
     ACK_DUPLICATE,
     ACK_OK,
+    FLAG_ACK_REQ,
     KIND_ACK,
+    KIND_COMMAND,
+    KIND_COMMAND_RESULT,
     DecodeError,
     Frame,
     FrameDecoder,
+    encode_frame,
 )
+
+
+def command_result(tenant: int, device: int, seq: int, ts_us: int, command_id: int, code: int,
+                   *, ack_req: bool = True, auth: int = 0, key: bytes | None = None) -> bytes:
+    """A device's COMMAND_RESULT frame: metric 0 the command id, metric 1 the
+    result code (0 success, 1 accepted and in progress, others failures)."""
+    return encode_frame(KIND_COMMAND_RESULT, tenant, device, seq, ts_us,
+                        [(0, 4, command_id), (1, 3, code)],
+                        flags=FLAG_ACK_REQ if ack_req else 0, auth=auth, key=key)
 
 
 @dataclass
@@ -33,6 +47,7 @@ class RmfClient:
     acked: set[tuple[int, int]] = field(default_factory=set)  # OK/DUPLICATE (device, seq)
     acks: list[tuple[int, int, int]] = field(default_factory=list)  # (device, seq, status)
     keep_acks: bool = True
+    commands: list[Frame] = field(default_factory=list)  # COMMAND frames received
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
     _task: asyncio.Task[None] | None = None
@@ -109,15 +124,29 @@ class RmfClient:
             return False
         return True
 
+    async def wait_commands(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` COMMAND frames have arrived in all."""
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.commands) < count:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _read_acks(self) -> None:
         decoder = FrameDecoder()
         assert self._reader is not None
         try:
             while data := await self._reader.read(65536):
                 for ev in decoder.feed(data):
-                    if isinstance(ev, DecodeError) or ev.kind != KIND_ACK:
+                    if isinstance(ev, DecodeError):
                         continue
-                    self._record(ev)
+                    if ev.kind == KIND_ACK:
+                        self._record(ev)
+                    elif ev.kind == KIND_COMMAND:
+                        self.commands.append(ev)
                 self._changed.set()
         finally:
             self._changed.set()

@@ -25,6 +25,12 @@ yet committed are counted; above ``high_water`` every sink is paused (the
 sockets stop being read, so devices' TCP windows fill and they slow down); they
 resume below half of it. A batch is handed over when it has
 ``batch_max_rows`` rows or its first row has waited ``batch_max_ms``.
+
+Device commands (``dispatcher``, a ``registry.commands.CommandDispatcher``,
+when set): the first accepted frame of a device in each ``accept`` call tells
+it the device is on that sink (it remembers, so this is a set lookup);
+``input_ended`` (EOF) and ``unregister`` tell it the sink is gone; committed
+COMMAND_RESULT frames go to it after their acks (stored like any other frame).
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ from rmiot.core_ext import (
     ACK_STATUS,
     ACK_TENANT_MISMATCH,
     ACK_UNKNOWN_DEVICE,
+    KIND_COMMAND_RESULT,
     Frame,
     encode_ack,
 )
 from rmiot.ingest.writer import Batch, BatchWriter, Key, Outcome, frame_key
+from rmiot.registry.commands import CommandDispatcher
 from rmiot.registry.view import DeviceView
 from rmiot.security.limits import RateLimiter, Refusal
 
@@ -81,6 +89,7 @@ class Pipeline:
         # Called as on_abuse("device" | "tenant", id) once a minute while a key
         # keeps being refused; the platform audits it.
         self.on_abuse: Callable[[str, int], None] | None = None
+        self.dispatcher: CommandDispatcher | None = None
 
     # -- sinks ---------------------------------------------------------------
 
@@ -91,6 +100,13 @@ class Pipeline:
 
     def unregister(self, sink: AckSink) -> None:
         self.sinks.discard(sink)
+        self.input_ended(sink)
+
+    def input_ended(self, sink: AckSink) -> None:
+        """The sink's peer sends nothing more (EOF): acks still go out on it,
+        commands no longer do (its device could not answer there)."""
+        if self.dispatcher is not None:
+            self.dispatcher.connection_closed(sink)
 
     # -- the hot path ----------------------------------------------------------
 
@@ -130,7 +146,7 @@ class Pipeline:
             elif ev.ts_us > newest:
                 code, status = "FUTURE", ACK_STALE
             elif (left := budget.get(ev.device)) == 0 or (
-                    left is None and not self._grant(ev, events, budget, tenant_budget)):
+                    left is None and not self._grant(ev, events, budget, tenant_budget, sink)):
                 code, status = "RATE_LIMITED", ACK_RATE_LIMITED
             else:
                 budget[ev.device] -= 1
@@ -158,9 +174,10 @@ class Pipeline:
                 self.cfg.batch_max_ms / 1000, self.flush)
 
     def _grant(self, first: Frame, events: list[Any], budget: dict[int, int],
-               tenant_budget: dict[int, int]) -> bool:
+               tenant_budget: dict[int, int], sink: AckSink) -> bool:
         """Take the tokens for all of ``first``'s device's frames in this call at
-        once; set how many may pass; True when ``first`` may."""
+        once; set how many may pass; True when ``first`` may (and then the
+        device is known to be on ``sink``)."""
         device, tenant = first.device, first.tenant
         wanted = sum(1 for ev in events if type(ev) is Frame and ev.device == device)
         granted, verdict = self.per_device.take_up_to(device, wanted)
@@ -173,6 +190,8 @@ class Pipeline:
         granted = min(granted, left)
         tenant_budget[tenant] = left - granted
         budget[device] = granted
+        if granted and self.dispatcher is not None:
+            self.dispatcher.device_seen(device, sink)
         return granted > 0
 
     def _report(self, verdict: Refusal, kind: str, key: int) -> None:
@@ -203,6 +222,8 @@ class Pipeline:
         acks: dict[Any, bytearray] = {}
         duplicates, rejected = outcome.duplicates, outcome.rejected
         inflight = self.inflight
+        results: list[Frame] = []
+        result_kind = KIND_COMMAND_RESULT
         for frame, sink in zip(batch.frames, batch.sinks, strict=True):
             key = frame_key(frame)
             waiting = inflight.pop(key, None)
@@ -212,6 +233,10 @@ class Pipeline:
                 status = ACK_DUPLICATE
             else:
                 status = ACK_OK
+            if frame.kind == result_kind and status != ACK_MALFORMED:
+                # A duplicate too: its first copy's commit may have come just
+                # before a restart; applying a result twice changes nothing.
+                results.append(frame)
             if frame.ack_req:
                 out = acks.get(sink)
                 if out is None:
@@ -227,6 +252,8 @@ class Pipeline:
         self.stats["REJECTED_BY_DB"] += len(rejected)
         for sink, data in acks.items():
             sink.send(bytes(data))
+        if results and self.dispatcher is not None:
+            self.dispatcher.results(results)
         self.pending_rows -= len(batch)
         if self.paused and self.pending_rows <= self.high_water // 2:
             self.paused = False

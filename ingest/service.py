@@ -1,5 +1,6 @@
 """The ingest service of one platform process: the registry's device view, the
-pipeline with its batch writers, and the transport adapters (TCP so far).
+pipeline with its batch writers, the transport adapters (TCP so far), and the
+command dispatcher that sends devices their commands over those connections.
 
 Stopping is orderly so that nothing acknowledged is lost and as little as
 possible is left for devices to retransmit: stop accepting, stop reading,
@@ -15,6 +16,7 @@ from rmiot import db
 from rmiot.config import Config
 from rmiot.ingest.pipeline import Pipeline
 from rmiot.ingest.tcp import TcpAdapter
+from rmiot.registry.commands import CommandDispatcher
 from rmiot.registry.view import DeviceView
 from rmiot.security.sm4 import Keyring
 
@@ -27,11 +29,14 @@ class IngestService:
         dsn = db.app_dsn(cfg)
         self.view = DeviceView(dsn, Keyring.load(cfg.keyring_dir))
         self.pipeline = Pipeline(cfg.ingest, self.view, dsn)
+        self.commands = CommandDispatcher(dsn)
+        self.pipeline.dispatcher = self.commands
         self.tcp = TcpAdapter(cfg.ingest, self.pipeline)
 
     async def start(self) -> int:
         """Start everything; returns the TCP port bound."""
         await self.view.start()
+        await self.commands.start()
         await self.pipeline.writer.start()
         port = await self.tcp.start()
         log.info("ingest started", extra={"tcp_port": port, "devices": len(self.view.devices),
@@ -47,4 +52,5 @@ class IngestService:
                         extra={"batches": self.pipeline.writer.backlog})
         await self.tcp.close_all()
         await self.pipeline.writer.stop()
+        await self.commands.stop()
         await self.view.stop()

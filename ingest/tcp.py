@@ -73,6 +73,7 @@ class RmfConnection(asyncio.Protocol):
         events = self.decoder.eof()
         if events:
             self.adapter.pipeline.accept(list(events), self)
+        self.adapter.pipeline.input_ended(self)
         return True  # keep the write side open: acks for what was sent still go out
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate
-from rmiot.grpc_server import GrpcServer
+from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.workers import WorkerPool
+from rmiot.registry import command_service
 from rmiot.security.service import SecurityServices
 
 log = logging.getLogger("rmiot.platform")
@@ -64,6 +65,15 @@ class Infrastructure:
         return found
 
 
+def api_services(security: SecurityServices) -> list[Service]:
+    """Every gRPC service of the platform's API, their rules added to the
+    interceptor (a method without a rule is refused). The tests mount exactly
+    this list, so the access suite covers every service the platform serves."""
+    assert security.pool is not None, "start the security services first"
+    security.add_rules(command_service.RULES)
+    return [*security.services(), command_service.service(security.pool)]
+
+
 @dataclass
 class Platform:
     cfg: Config
@@ -82,7 +92,7 @@ class Platform:
         tcp_port = await self.ingest.start()
         self.workers = WorkerPool(self.cfg, tcp_port)
         extra = await self.workers.start()
-        self.grpc = GrpcServer(self.cfg, services=self.security.services(),
+        self.grpc = GrpcServer(self.cfg, services=api_services(self.security),
                                interceptors=[self.security.interceptor])
         port = await self.grpc.start()
         scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
@@ -90,7 +100,7 @@ class Platform:
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
                      f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
             Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                     "Auth, Policy, Audit services; health, reflection"),
+                     "Auth, Policy, Audit, Command services; health, reflection"),
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),
         ]

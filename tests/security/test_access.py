@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pool, message_factory
 
 from rmiot.config import Config
 from rmiot.grpc_server import GrpcServer, channel
+from rmiot.platform import api_services
 from rmiot.proto import audit_pb2, auth_pb2, auth_pb2_grpc, policy_pb2
 from rmiot.security import identity
 from rmiot.security.service import SecurityServices
@@ -80,7 +81,7 @@ async def city(dev_certs: Config, database: str) -> AsyncIterator[City]:
                                            district)
     security = SecurityServices(cfg)
     await security.start()
-    server = GrpcServer(cfg, services=security.services(), interceptors=[security.interceptor])
+    server = GrpcServer(cfg, services=api_services(security), interceptors=[security.interceptor])
     await server.start()
     tokens = {}
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:

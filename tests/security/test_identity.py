@@ -18,6 +18,7 @@ import pytest
 from rmiot.config import Config
 from rmiot.deploy import certs
 from rmiot.grpc_server import GrpcServer, channel
+from rmiot.platform import api_services
 from rmiot.proto import auth_pb2, auth_pb2_grpc
 from rmiot.security import identity
 from rmiot.security.service import SecurityServices
@@ -74,7 +75,7 @@ async def platform(dev_certs: Config, database: str) -> AsyncIterator[Platform]:
                                      region)
     security = SecurityServices(cfg)
     await security.start()
-    server = GrpcServer(cfg, services=security.services(), interceptors=[security.interceptor])
+    server = GrpcServer(cfg, services=api_services(security), interceptors=[security.interceptor])
     await server.start()
     yield Platform(cfg, security, server, tenant, database)
     await server.stop(0)

@@ -2,7 +2,12 @@
 devices, device keys and lifecycle state. The gRPC RegistryService
 and the import tools are built on these; the ingest path only reads
 (``registry.view``). Every change is announced to the views by the triggers of
-migration 0002.
+migrations 0002 and 0007.
+
+These are the low-level primitives (no validation beyond the database's);
+``registry.devices``, ``registry.lifecycle`` and ``registry.bindings`` check
+every field and say what is wrong. Every error is a ``RegistryError`` whose
+``code`` tells callers (the gRPC service) what kind of refusal it is.
 """
 
 from __future__ import annotations
@@ -18,8 +23,19 @@ from rmiot.security.sm4 import Keyring
 ALGORITHMS = {"hmac-sha256": 1, "hmac-sm3": 2}
 
 
+INVALID, NOT_FOUND, EXISTS, PRECONDITION = "invalid", "not_found", "exists", "precondition"
+
+
 class RegistryError(Exception):
-    """A registry request that cannot be carried out; the message says why."""
+    """A registry request that cannot be carried out; the message says why.
+
+    ``code``: ``invalid`` (a field is wrong), ``not_found`` (no such object
+    in the caller's reach), ``exists`` (a unique value is taken) or
+    ``precondition`` (the object's state does not allow it)."""
+
+    def __init__(self, message: str, code: str = INVALID) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def register_device(conn: psycopg.Connection[Any], tenant_id: int, *, udi: str | None = None,
@@ -64,7 +80,13 @@ def revoke_keys(conn: psycopg.Connection[Any], device_id: int) -> int:
 
 
 def set_state(conn: psycopg.Connection[Any], device_id: int, state: str) -> None:
-    cur = conn.execute("UPDATE devices SET state = %s, updated_at = now() WHERE id = %s",
-                       (state, device_id))
+    """Move a device to ``state``. Migration 0007's triggers refuse a move the
+    lifecycle does not allow and record it (actor ``db:<role>`` unless the
+    transaction set one: ``registry.lifecycle.transition`` does)."""
+    try:
+        cur = conn.execute("UPDATE devices SET state = %s, updated_at = now() WHERE id = %s",
+                           (state, device_id))
+    except psycopg.errors.CheckViolation as exc:
+        raise RegistryError(exc.diag.message_primary or str(exc), PRECONDITION) from None
     if cur.rowcount != 1:
-        raise RegistryError(f"device {device_id} does not exist")
+        raise RegistryError(f"device {device_id} does not exist", NOT_FOUND)

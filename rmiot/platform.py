@@ -21,6 +21,8 @@ from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.workers import WorkerPool
 from rmiot.registry import command_service
+from rmiot.registry import service as registry_service
+from rmiot.registry.service import RegistryServicer
 from rmiot.security.service import SecurityServices
 
 log = logging.getLogger("rmiot.platform")
@@ -65,13 +67,29 @@ class Infrastructure:
         return found
 
 
-def api_services(security: SecurityServices) -> list[Service]:
-    """Every gRPC service of the platform's API, their rules added to the
-    interceptor (a method without a rule is refused). The tests mount exactly
-    this list, so the access suite covers every service the platform serves."""
-    assert security.pool is not None, "start the security services first"
-    security.add_rules(command_service.RULES)
-    return [*security.services(), command_service.service(security.pool)]
+class Api:
+    """Every gRPC service of the platform's API beyond security's own, with
+    their rules added to the interceptor (a method without a rule is refused).
+    The tests mount exactly this, so the access suite covers every service the
+    platform serves."""
+
+    def __init__(self, security: SecurityServices) -> None:
+        assert security.pool is not None, "start the security services first"
+        self.security = security
+        self.registry = RegistryServicer(security.dsn, security.keyring, security.authorizer)
+        security.add_rules(command_service.RULES)
+        security.add_rules(registry_service.RULES)
+
+    async def start(self) -> None:
+        await self.registry.start()
+
+    def services(self) -> list[Service]:
+        assert self.security.pool is not None
+        return [*self.security.services(), command_service.service(self.security.pool),
+                self.registry.service()]
+
+    async def stop(self) -> None:
+        await self.registry.stop()
 
 
 @dataclass
@@ -81,6 +99,7 @@ class Platform:
     ingest: IngestService | None = None
     workers: WorkerPool | None = None
     security: SecurityServices | None = None
+    api: Api | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
@@ -92,7 +111,9 @@ class Platform:
         tcp_port = await self.ingest.start()
         self.workers = WorkerPool(self.cfg, tcp_port)
         extra = await self.workers.start()
-        self.grpc = GrpcServer(self.cfg, services=api_services(self.security),
+        self.api = Api(self.security)
+        await self.api.start()
+        self.grpc = GrpcServer(self.cfg, services=self.api.services(),
                                interceptors=[self.security.interceptor])
         port = await self.grpc.start()
         scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
@@ -100,7 +121,7 @@ class Platform:
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
                      f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
             Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                     "Auth, Policy, Audit, Command services; health, reflection"),
+                     "Auth, Policy, Audit, Registry, Command; health, reflection"),
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),
         ]
@@ -110,6 +131,8 @@ class Platform:
     async def stop(self) -> None:
         if self.grpc:
             await self.grpc.stop()
+        if self.api:
+            await self.api.stop()
         if self.workers:
             await self.workers.stop()
         if self.ingest:

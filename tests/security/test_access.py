@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pool, message_factory
 
 from rmiot.config import Config
 from rmiot.grpc_server import GrpcServer, channel
-from rmiot.platform import api_services
+from rmiot.platform import Api
 from rmiot.proto import audit_pb2, auth_pb2, auth_pb2_grpc, policy_pb2
 from rmiot.security import identity
 from rmiot.security.service import SecurityServices
@@ -81,7 +81,9 @@ async def city(dev_certs: Config, database: str) -> AsyncIterator[City]:
                                            district)
     security = SecurityServices(cfg)
     await security.start()
-    server = GrpcServer(cfg, services=api_services(security), interceptors=[security.interceptor])
+    api = Api(security)
+    await api.start()
+    server = GrpcServer(cfg, services=api.services(), interceptors=[security.interceptor])
     await server.start()
     tokens = {}
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
@@ -102,6 +104,7 @@ async def city(dev_certs: Config, database: str) -> AsyncIterator[City]:
             tokens[role] = reply.token
     yield City(security, server, cfg, hospital_a, hospital_b, tokens)
     await server.stop(0)
+    await api.stop()
     await security.stop()
 
 

@@ -18,7 +18,7 @@ import pytest
 from rmiot.config import Config
 from rmiot.deploy import certs
 from rmiot.grpc_server import GrpcServer, channel
-from rmiot.platform import api_services
+from rmiot.platform import Api
 from rmiot.proto import auth_pb2, auth_pb2_grpc
 from rmiot.security import identity
 from rmiot.security.service import SecurityServices
@@ -75,10 +75,13 @@ async def platform(dev_certs: Config, database: str) -> AsyncIterator[Platform]:
                                      region)
     security = SecurityServices(cfg)
     await security.start()
-    server = GrpcServer(cfg, services=api_services(security), interceptors=[security.interceptor])
+    api = Api(security)
+    await api.start()
+    server = GrpcServer(cfg, services=api.services(), interceptors=[security.interceptor])
     await server.start()
     yield Platform(cfg, security, server, tenant, database)
     await server.stop(0)
+    await api.stop()
     await security.stop()
 
 

@@ -12,12 +12,12 @@ PB2    := $(PROTOS:.proto=_pb2.py)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
-        bench-security bench-fuzz clean
+        bench-security bench-registry bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
 	@echo "make test   - install what is missing, lint, type-check, run the whole test suite"
-	@echo "make bench  - every benchmark (bench-ingest, bench-security, bench-decode, bench-fuzz)"
+	@echo "make bench  - every benchmark (bench-ingest, bench-security, bench-registry, ...)"
 
 ## set-up ---------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ pytest: setup
 
 ## benchmarks -------------------------------------------------------------------
 
-bench: bench-ingest bench-security bench-fuzz
+bench: bench-ingest bench-security bench-registry bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -72,6 +72,10 @@ bench-ingest: setup
 # Issue 6's figures: authorisation, interceptor overhead, audit chain.
 bench-security: setup
 	@$(BIN)/python benches/bench_security.py
+
+# Issue 5's figures: bulk import, device lookup, change visibility.
+bench-registry: setup
+	@$(BIN)/python benches/bench_registry.py
 
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py

@@ -19,7 +19,6 @@ from pathlib import Path
 import psycopg
 
 from rmiot.security.audit import GENESIS, MIN_RETENTION_DAYS, stored_row_hash
-
 from rmiot.security.audit_checkpoints import (
     AuditIntegrityError,
     Checkpoint,

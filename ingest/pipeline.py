@@ -11,7 +11,8 @@ retired, or its tenant disabled), TENANT_MISMATCH, AUTH_REQUIRED, kind (a
 device may send kinds 1–5 only: MALFORMED otherwise), STALE/FUTURE (``ts_us``
 outside ``[now - past_window_s, now + future_window_s]``; both NACK as STALE,
 the only code the spec has), RATE_LIMITED (token buckets per device and per
-tenant, ``ingest.device_rate_per_s`` / ``tenant_rate_per_s``; fails closed for
+tenant — frames per device (``ingest.device_rate_per_s``), points per tenant
+(the tenant's ``points_per_s`` setting, else ``ingest.tenant_points_per_s``); fails closed for
 that device or tenant only; sustained abuse goes to ``on_abuse``, which the
 platform audits), DUPLICATE (the same (device, seq, ts_us) already waiting in
 an uncommitted batch: acked DUPLICATE once the first commits).
@@ -85,7 +86,7 @@ class Pipeline:
         self.stats: Counter[str] = Counter()
         self._flush_handle: asyncio.TimerHandle | None = None
         self.per_device = RateLimiter(cfg.device_rate_per_s, cfg.device_rate_per_s * 2)
-        self.per_tenant = RateLimiter(cfg.tenant_rate_per_s, cfg.tenant_rate_per_s * 2)
+        self.per_tenant = RateLimiter(cfg.tenant_points_per_s, cfg.tenant_points_per_s * 2)
         # Called as on_abuse("device" | "tenant", id) once a minute while a key
         # keeps being refused; the platform audits it.
         self.on_abuse: Callable[[str, int], None] | None = None
@@ -179,17 +180,25 @@ class Pipeline:
         once; set how many may pass; True when ``first`` may (and then the
         device is known to be on ``sink``)."""
         device, tenant = first.device, first.tenant
-        wanted = sum(1 for ev in events if type(ev) is Frame and ev.device == device)
-        granted, verdict = self.per_device.take_up_to(device, wanted)
+        mine = [ev for ev in events if type(ev) is Frame and ev.device == device]
+        granted, verdict = self.per_device.take_up_to(device, len(mine))
         self._report(verdict, "device", device)
-        left = tenant_budget.get(tenant)
-        if left is None:
-            wanted_t = sum(1 for ev in events if type(ev) is Frame and ev.tenant == tenant)
-            left, verdict = self.per_tenant.take_up_to(tenant, wanted_t)
+        # The tenant's quota counts points (fields), taken once per tenant per call.
+        points = tenant_budget.get(tenant)
+        if points is None:
+            wanted = sum(ev.count for ev in events if type(ev) is Frame and ev.tenant == tenant)
+            entry = self.view.devices.get(device)
+            points, verdict = self.per_tenant.take_up_to(
+                tenant, wanted, rate=entry.points_per_s if entry else None)
             self._report(verdict, "tenant", tenant)
-        granted = min(granted, left)
-        tenant_budget[tenant] = left - granted
-        budget[device] = granted
+        fit = 0
+        for ev in mine[:granted]:
+            if ev.count > points:
+                break
+            points -= ev.count
+            fit += 1
+        tenant_budget[tenant] = points
+        budget[device] = granted = fit
         if granted and self.dispatcher is not None:
             self.dispatcher.device_seen(device, sink)
         return granted > 0

@@ -38,6 +38,7 @@ SELECT d.id, d.tenant_id,
        coalesce(d.auth_required, (rmiot_tenant_setting(t.id, 'require_hmac'))::boolean, false),
        d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
        (rmiot_tenant_setting(t.id, 'late_window_s'))::bigint,
+       (rmiot_tenant_setting(t.id, 'points_per_s'))::float8,
        k.sealed, k.until
   FROM devices d
   JOIN tenants t ON t.id = d.tenant_id
@@ -58,6 +59,8 @@ class DeviceEntry:
     may_send: bool
     # The tenant's late-arrival window in microseconds (None: ingest.past_window_s).
     late_window_us: int | None
+    # The tenant's ingest quota in points a second (None: ingest.tenant_points_per_s).
+    points_per_s: float | None
     # Valid HMAC keys, newest first, each with the end of its validity (Unix
     # seconds; None: until rotated or revoked). Two during a rotation's overlap.
     keys: tuple[tuple[bytes, float | None], ...]
@@ -111,12 +114,13 @@ class DeviceView(ChangeFollower):
         if gone is not None and not rows:
             self.devices.pop(gone, None)
             self._changed(gone)
-        for dev_id, tenant_id, auth_required, may_send, late_s, sealed, until in rows:
+        for dev_id, tenant_id, auth_required, may_send, late_s, quota, sealed, until in rows:
             keys = tuple((key, end) for key, end in zip(
                 (self._open_key(dev_id, s) for s in sealed or ()), until or (), strict=True)
                 if key is not None)
             self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
-                                               late_s * 1_000_000 if late_s else None, keys)
+                                               late_s * 1_000_000 if late_s else None, quota,
+                                               keys)
             if where:
                 self._changed(dev_id)
 

@@ -118,7 +118,7 @@ class IngestConfig:
     past_window_s: int = 7 * 24 * 3600
     future_window_s: int = 300
     device_rate_per_s: float = 200.0
-    tenant_rate_per_s: float = 200_000.0
+    tenant_points_per_s: float = 2_000_000.0
 
     def check(self) -> None:
         _port("ingest.tcp_port", self.tcp_port)
@@ -128,7 +128,7 @@ class IngestConfig:
         _at_least("ingest.batch_max_ms", self.batch_max_ms, 1)
         _at_least("ingest.max_connections", self.max_connections, 1)
         _at_least("ingest.device_rate_per_s", self.device_rate_per_s, 0.1)
-        _at_least("ingest.tenant_rate_per_s", self.tenant_rate_per_s, 0.1)
+        _at_least("ingest.tenant_points_per_s", self.tenant_points_per_s, 1)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ class Refusal(enum.Enum):
 class _Bucket:
     tokens: float
     stamp: float
+    rate: float
+    burst: float
     refused: int = 0
     window_start: float = 0.0
     reported: float = 0.0
@@ -46,16 +48,24 @@ class RateLimiter:
         """Spend one token for one request of ``key``, or refuse it."""
         return self.take_up_to(key, 1, now)[1]
 
-    def take_up_to(self, key: object, n: int, now: float | None = None) -> tuple[int, Refusal]:
+    def take_up_to(self, key: object, n: int, now: float | None = None,
+                   rate: float | None = None) -> tuple[int, Refusal]:
         """Spend up to n whole tokens at once (n requests of one key, e.g. the
         frames of one device in one read): how many are allowed, and whether
-        the rest were refused (SUSTAINED once a minute under sustained abuse)."""
+        the rest were refused (SUSTAINED once a minute under sustained abuse).
+        ``rate`` overrides the limiter's rate for this key (a tenant's own
+        quota; burst twice the rate), taking effect when it changes."""
         now = time.monotonic() if now is None else now
+        rate = self.rate if rate is None else rate
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = _Bucket(self.burst, now, window_start=now)
+            bucket = self.buckets[key] = _Bucket(rate * 2 if rate != self.rate else self.burst,
+                                                 now, rate, rate * 2 if rate != self.rate
+                                                 else self.burst, window_start=now)
         else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+            if bucket.rate != rate:
+                bucket.rate, bucket.burst = rate, (rate * 2 if rate != self.rate else self.burst)
+            bucket.tokens = min(bucket.burst, bucket.tokens + (now - bucket.stamp) * bucket.rate)
             bucket.stamp = now
         granted = min(n, int(bucket.tokens))
         bucket.tokens -= granted
@@ -72,6 +82,6 @@ class RateLimiter:
         return granted, Refusal.REFUSED
 
     def _sweep(self, now: float) -> None:
-        full_after = self.burst / self.rate
-        self.buckets = {k: b for k, b in self.buckets.items() if now - b.stamp < full_after}
-        self._next_sweep = now + max(full_after, 10.0)
+        self.buckets = {k: b for k, b in self.buckets.items()
+                        if now - b.stamp < b.burst / b.rate}
+        self._next_sweep = now + max(self.burst / self.rate, 10.0)

@@ -226,3 +226,22 @@ async def test_key_rotation_overlaps_then_only_the_new_key_works(
     assert await client.wait_acks(4, 5)
     assert [s for _, _, s in client.acks[2:]] == [ACK_AUTH_FAILED, ACK_OK]  # the window closed
     assert hospital.stored(hospital.keyed) == 3
+
+
+async def test_a_tenant_over_its_points_quota_is_limited(client: RmfClient, hospital: Hospital,
+                                                         ingest: IngestService) -> None:
+    from rmiot.core_ext import ACK_RATE_LIMITED
+    from rmiot.tenants import settings
+
+    with hospital.conn() as conn:  # 80 points a second: a burst of 160, i.e. 20 vitals frames
+        settings.update(conn, hospital.tenant, {"points_per_s": 80})
+    await eventually(lambda: ingest.view.get(hospital.plain).points_per_s == 80, 1.0)  # type: ignore[union-attr]
+    ts = now_us()
+    client.send_raw(b"".join(vitals(hospital.tenant, hospital.plain, s, ts + s)
+                             for s in range(50)))
+    await client.drain()
+    assert await client.wait_acks(50, 10)
+    statuses = [s for _, _, s in client.acks]
+    assert statuses.count(ACK_OK) == 20 and statuses.count(ACK_RATE_LIMITED) == 30
+    with hospital.conn() as conn:
+        settings.update(conn, hospital.tenant, {"points_per_s": None})

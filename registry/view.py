@@ -11,8 +11,11 @@ change made while it was away is not missed): see ``rmiot.db.ChangeFollower``.
 Which devices may send: lifecycle states ``registered``, ``active`` and
 ``maintenance`` in an enabled tenant. HMAC is required when the device says so,
 or else when its tenant's (inherited) ``require_hmac`` setting is true; the
-tenant's ``late_window_s`` replaces ``ingest.past_window_s`` for its devices. Keys are stored
-sealed (SM4-GCM, bound to the device id) and opened here once per change.
+tenant's ``late_window_s`` replaces ``ingest.past_window_s`` for its devices.
+Keys are stored sealed (SM4-GCM, bound to the device id) and opened here once
+per change. A child device with no key of its own behind a gateway
+(``gateway_id``) is verified with the gateway's keys: the gateway signs for the
+devices it speaks for, and a change of the gateway reloads its children.
 """
 
 from __future__ import annotations
@@ -39,15 +42,21 @@ SELECT d.id, d.tenant_id,
        d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
        (rmiot_tenant_setting(t.id, 'late_window_s'))::bigint,
        (rmiot_tenant_setting(t.id, 'points_per_s'))::float8,
-       k.sealed, k.until
+       k.owner, k.sealed, k.until
   FROM devices d
   JOIN tenants t ON t.id = d.tenant_id
   LEFT JOIN LATERAL (
-        SELECT array_agg(key_enc ORDER BY version DESC) AS sealed,
+        SELECT max(k.device_id) AS owner,  -- the device itself, or its gateway
+               array_agg(key_enc ORDER BY version DESC) AS sealed,
                array_agg(extract(epoch FROM not_after)::float8 ORDER BY version DESC) AS until
           FROM device_keys k
-         WHERE k.device_id = d.id AND k.revoked_at IS NULL AND k.not_before <= now()
-           AND (k.not_after IS NULL OR k.not_after > now())) k ON true
+         WHERE k.revoked_at IS NULL AND k.not_before <= now()
+           AND (k.not_after IS NULL OR k.not_after > now())
+           -- its own keys; a child device without any signs with its gateway's
+           AND k.device_id = CASE WHEN d.gateway_id IS NULL OR EXISTS (
+                   SELECT 1 FROM device_keys o WHERE o.device_id = d.id
+                      AND o.revoked_at IS NULL AND (o.not_after IS NULL OR o.not_after > now()))
+               THEN d.id ELSE d.gateway_id END) k ON true
 """
 
 
@@ -100,7 +109,9 @@ class DeviceView(ChangeFollower):
         for payload in dict.fromkeys(n.payload for n in notes):  # once each, in order
             kind, _, ident = payload.partition(":")
             if kind == "device":
-                await self._reload(conn, " WHERE d.id = %s", (int(ident),), gone=int(ident))
+                # The device, and the children of a gateway (they may sign with its keys).
+                await self._reload(conn, " WHERE d.id = %s OR d.gateway_id = %s",
+                                   (int(ident), int(ident)), gone=int(ident))
             elif kind == "tenant":  # its settings reach its whole subtree
                 await self._reload(conn, " WHERE d.tenant_id IN (SELECT id FROM tenants "
                                    "WHERE %s = ANY(path))", (int(ident),))
@@ -111,12 +122,13 @@ class DeviceView(ChangeFollower):
         rows = await cur.fetchall()
         if not where:
             self.devices = {}
-        if gone is not None and not rows:
+        if gone is not None and all(row[0] != gone for row in rows):
             self.devices.pop(gone, None)
             self._changed(gone)
-        for dev_id, tenant_id, auth_required, may_send, late_s, quota, sealed, until in rows:
+        for dev_id, tenant_id, auth_required, may_send, late_s, quota, owner, sealed, until \
+                in rows:
             keys = tuple((key, end) for key, end in zip(
-                (self._open_key(dev_id, s) for s in sealed or ()), until or (), strict=True)
+                (self._open_key(owner, s) for s in sealed or ()), until or (), strict=True)
                 if key is not None)
             self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
                                                late_s * 1_000_000 if late_s else None, quota,

@@ -245,3 +245,23 @@ async def test_a_tenant_over_its_points_quota_is_limited(client: RmfClient, hosp
     assert statuses.count(ACK_OK) == 20 and statuses.count(ACK_RATE_LIMITED) == 30
     with hospital.conn() as conn:
         settings.update(conn, hospital.tenant, {"points_per_s": None})
+
+
+async def test_a_gateway_signs_for_its_children(client: RmfClient, hospital: Hospital,
+                                                ingest: IngestService) -> None:
+    with hospital.conn() as conn:
+        gateway = store.register_device(conn, hospital.tenant, serial_no="gateway")
+        _, gateway_key = store.add_key(conn, hospital.keyring, gateway)
+        child = store.register_device(conn, hospital.tenant, serial_no="child",
+                                      auth_required=True)
+        conn.execute("UPDATE devices SET gateway_id = %s WHERE id = %s", (gateway, child))
+    await eventually(lambda: ingest.view.key(child) == gateway_key, 1.0)
+    ts = now_us()
+    client.send_raw(vitals(hospital.tenant, child, 1, ts, key=gateway_key)
+                    + vitals(hospital.tenant, child, 2, ts + 1, key=b"\x05" * 32))
+    await client.drain()
+    assert await client.wait_acks(2, 5)
+    assert sorted((q, s) for _, q, s in client.acks) == [(1, ACK_OK), (2, ACK_AUTH_FAILED)]
+    with hospital.conn() as conn:  # the child gets a key of its own: the gateway's stops
+        _, child_key = store.add_key(conn, hospital.keyring, child)
+    await eventually(lambda: ingest.view.key(child) == child_key, 1.0)

@@ -14,6 +14,8 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
+import psycopg
+
 from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate
@@ -142,6 +144,13 @@ class Platform:
         log.info("platform stopped")
 
 
+async def _has_tenants(cfg: Config) -> bool:
+    async with await psycopg.AsyncConnection.connect(db.app_dsn(cfg)) as conn:
+        cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM tenants)")
+        row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True) -> None:
     """Run the platform until SIGINT or SIGTERM."""
     platform = Platform(cfg)
@@ -156,6 +165,12 @@ async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True) -> No
             print(f"rmiot {cfg.platform.role} platform is up:", flush=True)
             for e in endpoints:
                 print(f"  {e.name:<{width}}  {e.address}  {e.detail}".rstrip(), flush=True)
+            if not await _has_tenants(cfg):
+                print("No tenants yet. Create the region and its security administrator:\n"
+                      '  R=$(.venv/bin/rmiot tenants create city "City Health Commission" '
+                      "--level region)\n"
+                      "  .venv/bin/rmiot users create secadmin --tenant $R --role security_admin",
+                      flush=True)
             print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
     finally:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from rmiot import __version__, db, logs
 from rmiot.config import Config, ConfigError, load
+from rmiot.deploy import replica_cli
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 1, 2, 3
 
@@ -64,6 +65,9 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_db(args: argparse.Namespace, cfg: Config) -> int:
     from rmiot.deploy import cluster, migrate
+
+    if args.action in ("replica", "failover"):
+        return replica_cli.main(cfg, args)
 
     private = cluster.Cluster(cfg) if cfg.database.private else None
     needs_private = args.action in ("init", "start", "stop")
@@ -158,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("config", cmd_config, "validate the configuration, or show the effective one")
     p.add_argument("action", choices=["check", "show"])
     p = add("db", cmd_db, "the private TimescaleDB cluster and the schema")
-    p.add_argument("action", choices=["init", "start", "stop", "status", "migrate", "dsn"],
+    p.add_argument("action", choices=["init", "start", "stop", "status", "migrate", "dsn",
+                                      "replica", "failover"],
                    help="init/start/stop the private cluster; migrate applies the schema; "
-                        "dsn prints the connection string")
+                        "dsn prints the connection string; replica create|status|drop|sync|"
+                        "async manages the standby; failover promotes it")
     p.add_argument("--admin", action="store_true", help="with dsn: the administrator's DSN")
+    replica_cli.add_db_arguments(p)
     p = add("broker", cmd_broker, "the private MQTT broker")
     p.add_argument("action", choices=["start", "stop", "status"])
     p = add("certs", cmd_certs, "the development certificate authority")
@@ -172,11 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("name", help="file name and common name, e.g. hospital-12")
     issue.add_argument("--kind", required=True, choices=["platform", "vendor", "operator"])
     issue.add_argument("--tenant", type=int, help="tenant id whose subtree the holder speaks for")
+    from rmiot.deploy import backup_cli, destroy_cli
     from rmiot.registry import importer
     from rmiot.security import audit_cli, keys_cli, users_cli
     from rmiot.tenants import cli as tenants_cli
 
-    for module in (tenants_cli, importer, users_cli, keys_cli, audit_cli):
+    for module in (tenants_cli, importer, users_cli, keys_cli, audit_cli, backup_cli,
+                   destroy_cli):
         module.add_parser(sub).set_defaults(handler=_delegate(module.main))
     p = add("frame", cmd_frame, "decode or encode RMF v1 frames (a vendor's debugging tool)")
     p.add_argument("action", choices=["decode", "encode"],

@@ -51,9 +51,12 @@ class DatabaseConfig:
     pool_max: int = 16
     connect_timeout_s: float = 5.0
     shared_buffers: str = "2GB"
+    replica_port: int = 54330
+    replica_sync: bool = True
 
     def check(self) -> None:
         _port("database.port", self.port)
+        _port("database.replica_port", self.replica_port)
         _at_least("database.pool_min", self.pool_min, 0)
         _at_least("database.pool_max", self.pool_max, max(1, self.pool_min))
         _at_least("database.connect_timeout_s", self.connect_timeout_s, 0.1)
@@ -69,6 +72,9 @@ class BrokerConfig:
     url: str = ""
     host: str = "127.0.0.1"
     port: int = 18830
+    # The platform's own login on the broker (ingest reads every device's topics).
+    platform_user: str = "rmiot-platform"
+    platform_password_file: str = ""
 
     def check(self) -> None:
         _port("broker.port", self.port)
@@ -132,6 +138,98 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class UplinkConfig:
+    """The hospital role's forwarding to the region (rmiot.ingest.uplink)."""
+
+    target: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    ca_file: str = ""
+    tenants: str = ""
+    metrics: str = ""
+    kinds: str = ""
+    batch_frames: int = 5000
+    timeout_s: float = 30.0
+    retry_max_s: float = 10.0
+    hold_s: float = 60.0
+    backlog_alarm_s: float = 600.0
+
+    def check(self) -> None:
+        if self.target:
+            host, _, port = self.target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"uplink.target must be host:port, got {self.target!r}")
+        for key in ("tenants", "metrics", "kinds"):
+            value = getattr(self, key)
+            if not all(part.strip().isdigit() for part in value.split(",") if part.strip()):
+                raise ConfigError(f"uplink.{key} must be a comma-separated list of ids, "
+                                  f"got {value!r}")
+        _at_least("uplink.batch_frames", self.batch_frames, 1)
+        _at_least("uplink.timeout_s", self.timeout_s, 0.1)
+        _at_least("uplink.retry_max_s", self.retry_max_s, 0.1)
+        _at_least("uplink.hold_s", self.hold_s, 0.1)
+        _at_least("uplink.backlog_alarm_s", self.backlog_alarm_s, 1)
+
+    def ids(self, key: str) -> frozenset[int]:
+        """``tenants``, ``metrics`` or ``kinds`` as a set (empty: no filter)."""
+        return frozenset(int(p) for p in getattr(self, key).split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The MQTT device adapter (rmiot.ingest.mqtt) on the broker of [broker]."""
+
+    enabled: bool = False
+    topic_root: str = "rmiot"
+    share_group: str = "rmiot"
+    receive_maximum: int = 64
+
+    def check(self) -> None:
+        for key in ("topic_root", "share_group"):
+            value = getattr(self, key)
+            if not value or any(c in value for c in "/+#$ ") or len(value) > 64:
+                raise ConfigError(f"mqtt.{key} must be one topic level without / + # $ "
+                                  f"or spaces, got {value!r}")
+        _at_least("mqtt.receive_maximum", self.receive_maximum, 1)
+        if self.receive_maximum > 65535:
+            raise ConfigError(f"mqtt.receive_maximum must be at most 65535, "
+                              f"got {self.receive_maximum}")
+
+
+@dataclass(frozen=True)
+class CoapConfig:
+    """The CoAP device adapter (rmiot.ingest.coap), UDP."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5683
+    max_body_bytes: int = 65536
+    answer_timeout_s: float = 20.0
+
+    def check(self) -> None:
+        _port("coap.port", self.port)
+        _at_least("coap.max_body_bytes", self.max_body_bytes, 64)
+        _at_least("coap.answer_timeout_s", self.answer_timeout_s, 0.1)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP device adapter (rmiot.ingest.http)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7780
+    tls: bool = False
+    max_body_bytes: int = 1048576
+    answer_timeout_s: float = 20.0
+
+    def check(self) -> None:
+        _port("http.port", self.port)
+        _at_least("http.max_body_bytes", self.max_body_bytes, 64)
+        _at_least("http.answer_timeout_s", self.answer_timeout_s, 0.1)
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     keyring_dir: str = ""
     password_max_age_days: int = 90
@@ -154,6 +252,17 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    dir: str = ""
+    keep: int = 7
+    archive_timeout_s: int = 60
+
+    def check(self) -> None:
+        _at_least("backup.keep", self.keep, 1)
+        _at_least("backup.archive_timeout_s", self.archive_timeout_s, 1)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -171,7 +280,12 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 

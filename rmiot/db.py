@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from rmiot.config import Config, ConfigError
+from rmiot.deploy import topology
 
 log = logging.getLogger("rmiot.db")
 
@@ -40,8 +41,10 @@ def app_dsn(cfg: Config, dbname: str | None = None) -> str:
     db = cfg.database
     if db.dsn:
         return with_database(db.dsn, dbname)
-    return make_conninfo(host=socket_dir(cfg), port=db.port, dbname=dbname or db.name,
-                         user=APP_ROLE, connect_timeout=int(max(1, db.connect_timeout_s)),
+    # Every node of the private cluster (primary first; with a replica, libpq
+    # finds the read-write one, so a failover needs no change of DSN).
+    return make_conninfo(**topology.endpoints(cfg), dbname=dbname or db.name, user=APP_ROLE,
+                         connect_timeout=int(max(1, db.connect_timeout_s)),
                          application_name="rmiot")
 
 
@@ -50,8 +53,8 @@ def admin_dsn(cfg: Config, dbname: str | None = None) -> str:
     db = cfg.database
     if db.admin_dsn or db.dsn:
         return with_database(db.admin_dsn or db.dsn, dbname)
-    return make_conninfo(host=socket_dir(cfg), port=db.port, dbname=dbname or db.name,
-                         user=SUPERUSER, connect_timeout=int(max(1, db.connect_timeout_s)),
+    return make_conninfo(**topology.endpoints(cfg), dbname=dbname or db.name, user=SUPERUSER,
+                         connect_timeout=int(max(1, db.connect_timeout_s)),
                          application_name="rmiot-admin")
 
 
@@ -84,8 +87,10 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
 async def open_pool(dsn: str, min_size: int, max_size: int) -> AsyncConnectionPool:
     """An async pool, opened and checked (fails fast with DatabaseUnreachable)."""
     # Autocommit: every piece of code that needs a transaction says so explicitly.
+    # check: a connection broken by a failover is replaced before it is handed out.
     pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
-                               name="rmiot", kwargs={"autocommit": True})
+                               name="rmiot", kwargs={"autocommit": True},
+                               check=AsyncConnectionPool.check_connection)
     try:
         await pool.open(wait=True, timeout=10)
     except Exception as exc:
@@ -111,7 +116,7 @@ class ChangeFollower:
     change committed in between is both loaded and notified (harmless), never
     missed. A burst of notifications is drained and handed over in one call.
     When the connection is lost the view keeps what it has, reconnects with
-    backoff (0.1 s to 5 s) and loads everything again; before the first load, a
+    backoff (0.1 s to 1 s) and loads everything again; before the first load, a
     database that is not there is retried a few times, then reported.
 
     Subclasses set ``channels`` and ``name`` and implement ``load_all`` and
@@ -175,4 +180,4 @@ class ChangeFollower:
                             "keeping what it has and retrying",
                             extra={"error": str(exc).strip(), "retry_s": delay})
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)

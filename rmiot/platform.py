@@ -18,7 +18,7 @@ import psycopg
 
 from rmiot import db
 from rmiot.config import Config
-from rmiot.deploy import broker, certs, cluster, migrate
+from rmiot.deploy import broker, certs, cluster, migrate, replica
 from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.workers import WorkerPool
@@ -47,6 +47,7 @@ class Infrastructure:
         """Start what is private and missing, migrate, make dev certificates."""
         if self.cfg.database.private:
             self.started_cluster = cluster.Cluster(self.cfg).start()
+            replica.start_nodes(self.cfg)  # a standby (or a promoted node), if there is one
         cluster.check_reachable(db.admin_dsn(self.cfg))
         migrate.migrate(db.admin_dsn(self.cfg))
         if self.cfg.broker.private:

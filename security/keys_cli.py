@@ -1,8 +1,8 @@
 """``rmiot keys list|rotate``: the SM4 key-encryption keys of the keyring.
 
 rotate adds a key and re-seals every sealed value (device keys, TOTP secrets,
-patient identities) under it; older keys stay in the keyring until no backup
-needs them. Audited as ``cli:<login name>``.
+legacy patient identities, and the patients' own key files) under it; older
+keys stay in the keyring until no backup needs them. Audited as ``cli:<login name>``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from rmiot import db
 from rmiot.config import Config
 from rmiot.security.audit import AuditLog, AuditRecord
+from rmiot.security.patient_keys import PatientKeys
 from rmiot.security.sealed import reseal_all
 from rmiot.security.sm4 import Keyring
 
@@ -40,6 +41,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     new_id = keyring.rotate()
     with db.connect(db.app_dsn(cfg), autocommit=True) as conn:
         counts = reseal_all(conn, keyring)
+    counts["patient key files"] = PatientKeys(keyring).rewrap_all()
     print(f"key {new_id} added; re-sealed: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
     asyncio.run(_audit(cfg, new_id, counts))
     return 0

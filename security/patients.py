@@ -1,9 +1,10 @@
 """Patient identifiers at rest, pseudonyms, and masking by role.
 
 - Sealing: a patient's identity (name, national ID card number, phone,
-  emergency contacts) is one JSON document sealed with SM4-GCM under the
-  keyring's newest key, bound to the patient's row id, so a sealed identity
-  copied to another row does not open. Nothing identifying is stored in clear.
+  emergency contacts) is one JSON document sealed with SM4-GCM under a data
+  key of that patient's own, kept outside the database and its backups, bound
+  to the patient's row id (``patient_keys``: register, open, shred). Nothing
+  identifying is stored in clear.
 - Pseudonym: HMAC-SM3 of the normalised ID card number under a separate key
   (``<keyring_dir>/pseudonym.key``, made once, never rotated — a new key would
   break every link), hex. The same person has the same pseudonym in every
@@ -23,13 +24,8 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
-import psycopg
-
-from rmiot.security.sealed import patient_aad
-from rmiot.security.sm4 import Keyring
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 
@@ -75,32 +71,6 @@ def pseudonym_key(keyring_dir: Path) -> bytes:
 def pseudonym(key: bytes, id_card: str) -> str:
     normalised = id_card.strip().upper().encode()
     return hmac.new(key, normalised, "sm3").hexdigest()
-
-
-def seal_identity(keyring: Keyring, patient_id: int, identity: PatientIdentity) -> bytes:
-    return keyring.seal(identity.to_json(), patient_aad(patient_id))
-
-
-def open_identity(keyring: Keyring, patient_id: int, sealed: bytes) -> PatientIdentity:
-    return PatientIdentity.from_json(keyring.open(sealed, patient_aad(patient_id)))
-
-
-def register_patient(conn: psycopg.Connection[Any], keyring: Keyring, pseudo_key: bytes,
-                     tenant_id: int, identity: PatientIdentity, sex: str = "U",
-                     birth_year: int | None = None) -> tuple[int, str]:
-    """Store a patient (identity sealed); returns (id, pseudonym). The row is
-    inserted first with a placeholder so the seal can be bound to its id."""
-    alias = pseudonym(pseudo_key, identity.id_card)
-    with conn.transaction():
-        row = conn.execute(
-            "INSERT INTO patients (tenant_id, pseudonym, identity_enc, sex, birth_year) "
-            "VALUES (%s, %s, '\\x00', %s, %s) RETURNING id",
-            (tenant_id, alias, sex, birth_year)).fetchone()
-        assert row is not None
-        patient_id = int(row[0])
-        conn.execute("UPDATE patients SET identity_enc = %s WHERE id = %s",
-                     (seal_identity(keyring, patient_id, identity), patient_id))
-    return patient_id, alias
 
 
 def mask_name(name: str) -> str:

@@ -64,7 +64,8 @@ def reseal_all(conn: psycopg.Connection[Any], keyring: Keyring) -> dict[str, int
         with conn.transaction():
             rows = conn.execute(
                 f"SELECT {keys}, {spec.column} FROM {spec.table} "
-                f"WHERE {spec.column} IS NOT NULL AND get_byte({spec.column}, 1) <> %s "
+                # key id 0: sealed under a patient's own key (patient_keys), not a KEK
+                f"WHERE {spec.column} IS NOT NULL AND get_byte({spec.column}, 1) NOT IN (%s, 0) "
                 "FOR UPDATE", (newest,)).fetchall()
             unreadable = 0
             for *ident, sealed in rows:

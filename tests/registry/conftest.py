@@ -17,7 +17,8 @@ import pytest
 from rmiot.registry import approvals, models
 from rmiot.registry.devices import Device, register
 from rmiot.registry.fields import parse_device
-from rmiot.security import patients
+from rmiot.security import patient_keys, patients
+from rmiot.security.patient_keys import PatientKeys
 from rmiot.security.patients import PatientIdentity
 from rmiot.security.sm4 import Keyring
 from rmiot.tenants import store as tenants
@@ -76,9 +77,9 @@ def world(database: str, keyring: Keyring, tmp_path: Path) -> Iterator[World]:
         for h in (hospital, other):
             approvals.approve(conn, h, vendor.id, "user:test")
         key = patients.pseudonym_key(tmp_path / "pseudonym")
-        patient, _ = patients.register_patient(conn, keyring, key, hospital,
+        patient, _ = patient_keys.register_patient(conn, PatientKeys(keyring), key, hospital,
                                                PatientIdentity("张三", f"P{stamp}"))
-        foreign, _ = patients.register_patient(conn, keyring, key, other,
+        foreign, _ = patient_keys.register_patient(conn, PatientKeys(keyring), key, other,
                                                PatientIdentity("李四", f"Q{stamp}"))
     yield World(database, stamp, region, hospital, department, other, vendor.code,
                 other_vendor.code, monitor.id, gateway.id, pump.id, patient, foreign)

@@ -8,7 +8,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from rmiot.security import patients
+from rmiot.security import patient_keys, patients
+from rmiot.security.patient_keys import PatientKeys
 from rmiot.security.patients import Contact, PatientIdentity
 from rmiot.security.sm4 import Keyring, SealError
 from rmiot.tenants import store as tenants
@@ -29,8 +30,9 @@ def test_a_raw_select_shows_no_identifier(database: str, admin_dsn: str, ring: K
         region = tenants.create_tenant(conn, f"pr-{time.time_ns()}", "Region", "region")
         h1 = tenants.create_tenant(conn, f"ph1-{time.time_ns()}", "H1", "hospital", region)
         h2 = tenants.create_tenant(conn, f"ph2-{time.time_ns()}", "H2", "hospital", region)
-        first, alias = patients.register_patient(conn, ring, key, h1, ZHANG, "M", 1990)
-        second, alias2 = patients.register_patient(conn, ring, key, h2, ZHANG, "M", 1990)
+        keys = PatientKeys(ring)
+        first, alias = patient_keys.register_patient(conn, keys, key, h1, ZHANG, "M", 1990)
+        second, alias2 = patient_keys.register_patient(conn, keys, key, h2, ZHANG, "M", 1990)
     assert alias == alias2 and len(alias) == 64  # the same person in both hospitals
     with psycopg.connect(admin_dsn) as conn:  # what a stolen dump would show
         dump = conn.execute("SELECT p::text, identity_enc FROM patients p "
@@ -39,9 +41,9 @@ def test_a_raw_select_shows_no_identifier(database: str, admin_dsn: str, ring: K
         for secret in ("张三", "110101199003071234", "13812345678", "李四", "13987654321",
                        "1234"):
             assert secret not in text and secret.encode() not in bytes(sealed)
-    assert patients.open_identity(ring, first, bytes(dump[0][1])) == ZHANG
+    assert patient_keys.open_identity(PatientKeys(ring), first, bytes(dump[0][1])) == ZHANG
     with pytest.raises(SealError):  # a sealed identity moved to another row does not open
-        patients.open_identity(ring, second, bytes(dump[0][1]))
+        patient_keys.open_identity(PatientKeys(ring), second, bytes(dump[0][1]))
 
 
 def test_pseudonyms_need_the_key(tmp_path: Path) -> None:
@@ -70,19 +72,23 @@ def test_key_rotation_reseals_everything(database: str, ring: Keyring, tmp_path:
     key = patients.pseudonym_key(tmp_path / "keys")
     with psycopg.connect(database, autocommit=True) as conn:
         region = tenants.create_tenant(conn, f"kr-{time.time_ns()}", "Region", "region")
-        patient, _ = patients.register_patient(conn, ring, key, region, ZHANG)
+        patient, _ = patient_keys.register_patient(conn, PatientKeys(ring), key, region, ZHANG)
         device = registry.register_device(conn, region)
         _, device_key = registry.add_key(conn, ring, device)
         new_id = ring.rotate()
         counts = reseal_all(conn, ring)
-        assert counts["patients"] >= 1 and counts["device_keys"] >= 1
+        assert counts["device_keys"] >= 1
+        assert PatientKeys(ring).rewrap_all() >= 1  # the patients' own keys, re-sealed
         # Nothing of this keyring is left under the old key: drop it and all still opens.
         (ring.directory / "kek-1").unlink()
         fresh = Keyring.load(ring.directory)
         sealed = conn.execute("SELECT identity_enc FROM patients WHERE id = %s",
                               (patient,)).fetchone()
-        assert sealed is not None and bytes(sealed[0])[1] == new_id
-        assert patients.open_identity(fresh, patient, bytes(sealed[0])) == ZHANG
+        # Sealed under the patient's own key (id 0), whose file the new KEK now seals.
+        assert sealed is not None and bytes(sealed[0])[1] == patient_keys.PATIENT_KEY
+        assert PatientKeys(fresh).get(patient)  # opens with the new KEK alone
+        assert new_id == max(fresh.keys)
+        assert patient_keys.open_identity(PatientKeys(fresh), patient, bytes(sealed[0])) == ZHANG
         stored = conn.execute("SELECT key_enc FROM device_keys WHERE device_id = %s",
                               (device,)).fetchone()
         assert stored is not None

@@ -12,7 +12,7 @@ PB2    := $(PROTOS:.proto=_pb2.py)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
-        bench-security bench-registry bench-durability bench-fuzz clean
+        bench-security bench-registry bench-durability bench-federation bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
@@ -63,7 +63,7 @@ pytest: setup
 
 ## benchmarks -------------------------------------------------------------------
 
-bench: bench-ingest bench-security bench-registry bench-durability bench-fuzz
+bench: bench-ingest bench-security bench-registry bench-durability bench-federation bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -80,6 +80,10 @@ bench-registry: setup
 # Issue 12's figures: failover RPO/RTO, async replication lag, restore speed.
 bench-durability: setup
 	@$(BIN)/python benches/bench_durability.py
+
+# Issue 4's hospital-platform figures: gRPC push vs TCP, uplink catch-up.
+bench-federation: setup
+	@$(BIN)/python benches/bench_federation.py
 
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py

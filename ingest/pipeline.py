@@ -71,6 +71,38 @@ class AckSink(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class _ReadGroups:
+    """One read's frames grouped by device and its points summed by tenant, in
+    one pass made the first time a rate limit asks (a gateway's or an MQTT
+    batch's read holds many devices: no rescan per device)."""
+
+    __slots__ = ("by_device", "events", "points")
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+        self.by_device: dict[int, list[Frame]] | None = None
+        self.points: dict[int, int] = {}
+
+    def _build(self) -> dict[int, list[Frame]]:
+        by_device: dict[int, list[Frame]] = {}
+        points = self.points
+        for ev in self.events:
+            if type(ev) is Frame:
+                by_device.setdefault(ev.device, []).append(ev)
+                points[ev.tenant] = points.get(ev.tenant, 0) + ev.count
+        self.by_device = by_device
+        return by_device
+
+    def frames_of(self, device: int) -> list[Frame]:
+        by_device = self.by_device if self.by_device is not None else self._build()
+        return by_device.get(device, [])
+
+    def points_of(self, tenant: int) -> int:
+        if self.by_device is None:
+            self._build()
+        return self.points.get(tenant, 0)
+
+
 class Pipeline:
     def __init__(self, cfg: IngestConfig, view: DeviceView, dsn: str) -> None:
         self.cfg = cfg
@@ -125,6 +157,7 @@ class Pipeline:
         # many frames of one device), not once per frame: see _grant.
         budget: dict[int, int] = {}
         tenant_budget: dict[int, int] = {}
+        groups = _ReadGroups(events)
         for ev in events:
             if type(ev) is not Frame:
                 stats[ev.code] += 1
@@ -147,7 +180,7 @@ class Pipeline:
             elif ev.ts_us > newest:
                 code, status = "FUTURE", ACK_STALE
             elif (left := budget.get(ev.device)) == 0 or (
-                    left is None and not self._grant(ev, events, budget, tenant_budget, sink)):
+                    left is None and not self._grant(ev, groups, budget, tenant_budget, sink)):
                 code, status = "RATE_LIMITED", ACK_RATE_LIMITED
             else:
                 budget[ev.device] -= 1
@@ -174,19 +207,19 @@ class Pipeline:
             self._flush_handle = asyncio.get_running_loop().call_later(
                 self.cfg.batch_max_ms / 1000, self.flush)
 
-    def _grant(self, first: Frame, events: list[Any], budget: dict[int, int],
+    def _grant(self, first: Frame, groups: _ReadGroups, budget: dict[int, int],
                tenant_budget: dict[int, int], sink: AckSink) -> bool:
         """Take the tokens for all of ``first``'s device's frames in this call at
         once; set how many may pass; True when ``first`` may (and then the
         device is known to be on ``sink``)."""
         device, tenant = first.device, first.tenant
-        mine = [ev for ev in events if type(ev) is Frame and ev.device == device]
+        mine = groups.frames_of(device)
         granted, verdict = self.per_device.take_up_to(device, len(mine))
         self._report(verdict, "device", device)
         # The tenant's quota counts points (fields), taken once per tenant per call.
         points = tenant_budget.get(tenant)
         if points is None:
-            wanted = sum(ev.count for ev in events if type(ev) is Frame and ev.tenant == tenant)
+            wanted = groups.points_of(tenant)
             entry = self.view.devices.get(device)
             points, verdict = self.per_tenant.take_up_to(
                 tenant, wanted, rate=entry.points_per_s if entry else None)

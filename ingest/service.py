@@ -14,6 +14,7 @@ import logging
 
 from rmiot import db
 from rmiot.config import Config
+from rmiot.ingest.outbox import Outbox
 from rmiot.ingest.pipeline import Pipeline
 from rmiot.ingest.tcp import TcpAdapter
 from rmiot.registry.commands import CommandDispatcher
@@ -29,6 +30,8 @@ class IngestService:
         dsn = db.app_dsn(cfg)
         self.view = DeviceView(dsn, Keyring.load(cfg.keyring_dir))
         self.pipeline = Pipeline(cfg.ingest, self.view, dsn)
+        if cfg.platform.role == "hospital":  # committed frames also queue for the region
+            self.pipeline.writer.outbox = Outbox(cfg.uplink)
         self.commands = CommandDispatcher(dsn)
         self.pipeline.dispatcher = self.commands
         self.tcp = TcpAdapter(cfg.ingest, self.pipeline)

@@ -16,6 +16,10 @@ transaction:
 - a row the database refuses for its data (it should not happen: the decoder
   and the pipeline's checks come first) is isolated by bisecting the batch and
   reported as rejected, so one bad row never costs the others;
+- in the hospital role (``outbox`` set), the same transaction also COPYs the
+  newly stored frames into the outbox the uplink drains to the region
+  (``rmiot.ingest.outbox``), so nothing committed is missing from it; the
+  region role does not take that path;
 - when the connection fails, the writer reconnects with exponential backoff
   (0.1 s to 1 s) and retries the same batch: nothing is reported — and so
   nothing acknowledged — until it is committed. Meanwhile the batches waiting
@@ -36,6 +40,7 @@ import psycopg
 from psycopg import errors
 
 from rmiot.core_ext import Frame, copy_header, copy_trailer
+from rmiot.ingest.outbox import Outbox
 
 log = logging.getLogger("rmiot.ingest.writer")
 
@@ -60,6 +65,7 @@ class Batch:
 
     frames: list[Frame] = field(default_factory=list)
     sinks: list[Any] = field(default_factory=list)
+    ticket: int = 0  # hospital role: the batch's place in the outbox's commit order
 
     def add(self, frame: Frame, sink: Any) -> None:
         self.frames.append(frame)
@@ -90,15 +96,20 @@ class BatchWriter:
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self.outbox: Outbox | None = None  # hospital role: frames to forward to the region
 
     async def start(self) -> None:
         """Open every writer's connection (fails fast when the database is away)."""
         conns = [await self._connect() for _ in range(self.writers)]
+        if self.outbox is not None:
+            await self.outbox.prepare(conns[0])
         self._tasks = [asyncio.create_task(self._run(c), name=f"batch-writer-{i}")
                        for i, c in enumerate(conns)]
 
     def submit(self, batch: Batch) -> None:
         self._idle.clear()
+        if self.outbox is not None:
+            batch.ticket = self.outbox.ticket()
         self.queue.put_nowait(batch)
 
     @property
@@ -141,6 +152,8 @@ class BatchWriter:
                         - len(outcome.rejected)
                     self.on_done(batch, outcome)
                 finally:
+                    if self.outbox is not None:
+                        self.outbox.finished(batch.ticket)
                     self.busy -= 1
                     if not self.backlog:
                         self._idle.set()
@@ -156,7 +169,7 @@ class BatchWriter:
                     conn = await self._connect()
                     self.reconnects += 1
                     log.info("batch writer reconnected")
-                return conn, await self._commit(conn, batch.frames)
+                return conn, await self._commit(conn, batch.frames, batch.ticket)
             except psycopg.OperationalError as exc:
                 log.warning("database unavailable; batch kept, retrying",
                             extra={"rows": len(batch), "retry_s": delay,
@@ -168,19 +181,26 @@ class BatchWriter:
                 delay = min(delay * 2, 1.0)
 
     async def _commit(self, conn: psycopg.AsyncConnection[Any],
-                      frames: Sequence[Frame]) -> Outcome:
+                      frames: Sequence[Frame], ticket: int = 0) -> Outcome:
         data = b"".join([copy_header(), *(f.copy_row for f in frames), copy_trailer()])
         try:
-            async with conn.transaction(), conn.cursor().copy(COPY_SQL) as copy:
-                await copy.write(data)
+            if self.outbox is None:
+                async with conn.transaction(), conn.cursor().copy(COPY_SQL) as copy:
+                    await copy.write(data)
+            else:
+                async with conn.transaction():
+                    async with conn.cursor().copy(COPY_SQL) as copy:
+                        await copy.write(data)
+                    await self.outbox.write(conn, frames, ticket)
             return Outcome()
         except errors.UniqueViolation:
-            return await self._commit_deduplicated(conn, frames, data)
+            return await self._commit_deduplicated(conn, frames, data, ticket)
         except (errors.DataError, errors.IntegrityError) as exc:
-            return await self._bisect(conn, frames, exc)
+            return await self._bisect(conn, frames, exc, ticket)
 
     async def _commit_deduplicated(self, conn: psycopg.AsyncConnection[Any],
-                                   frames: Sequence[Frame], data: bytes) -> Outcome:
+                                   frames: Sequence[Frame], data: bytes,
+                                   ticket: int = 0) -> Outcome:
         try:
             async with conn.transaction():
                 async with conn.cursor().copy(COPY_SQL.replace("telemetry", "telemetry_stage",
@@ -189,18 +209,21 @@ class BatchWriter:
                 cur = await conn.execute(MERGE_SQL)
                 stored = {(dev, seq, (ts - EPOCH) // ONE_US)
                           for dev, seq, ts in await cur.fetchall()}
+                if self.outbox is not None:
+                    await self.outbox.write(conn, [f for f in frames if frame_key(f) in stored],
+                                            ticket)
         except (errors.DataError, errors.IntegrityError) as exc:
-            return await self._bisect(conn, frames, exc)
+            return await self._bisect(conn, frames, exc, ticket)
         duplicates = frozenset(k for k in map(frame_key, frames) if k not in stored)
         return Outcome(duplicates=duplicates)
 
     async def _bisect(self, conn: psycopg.AsyncConnection[Any], frames: Sequence[Frame],
-                      exc: Exception) -> Outcome:
+                      exc: Exception, ticket: int = 0) -> Outcome:
         if len(frames) == 1:
             log.error("row refused by the database", extra={
                 "device": frames[0].device, "seq": frames[0].seq, "error": str(exc).strip()})
             return Outcome(rejected=frozenset([frame_key(frames[0])]))
         half = len(frames) // 2
-        left = await self._commit(conn, frames[:half])
-        right = await self._commit(conn, frames[half:])
+        left = await self._commit(conn, frames[:half], ticket)
+        right = await self._commit(conn, frames[half:], ticket)
         return Outcome(left.duplicates | right.duplicates, left.rejected | right.rejected)

@@ -78,6 +78,9 @@ class BrokerConfig:
 
     def check(self) -> None:
         _port("broker.port", self.port)
+        if not self.platform_user.startswith("rmiot-"):  # devices' logins cannot start so
+            raise ConfigError(f"broker.platform_user must start with rmiot-, got "
+                              f"{self.platform_user!r}")
         if self.url and not self.url.startswith(("mqtt://", "mqtts://")):
             raise ConfigError(f"broker.url must start with mqtt:// or mqtts://, got {self.url!r}")
 
@@ -149,6 +152,7 @@ class UplinkConfig:
     metrics: str = ""
     kinds: str = ""
     batch_frames: int = 5000
+    streams: int = 4
     timeout_s: float = 30.0
     retry_max_s: float = 10.0
     hold_s: float = 60.0
@@ -165,6 +169,7 @@ class UplinkConfig:
                 raise ConfigError(f"uplink.{key} must be a comma-separated list of ids, "
                                   f"got {value!r}")
         _at_least("uplink.batch_frames", self.batch_frames, 1)
+        _at_least("uplink.streams", self.streams, 1)
         _at_least("uplink.timeout_s", self.timeout_s, 0.1)
         _at_least("uplink.retry_max_s", self.retry_max_s, 0.1)
         _at_least("uplink.hold_s", self.hold_s, 0.1)

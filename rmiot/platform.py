@@ -20,7 +20,9 @@ from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate, replica
 from rmiot.grpc_server import GrpcServer, Service
+from rmiot.ingest import push
 from rmiot.ingest.service import IngestService
+from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
 from rmiot.registry import command_service
 from rmiot.registry import service as registry_service
@@ -76,9 +78,11 @@ class Api:
     The tests mount exactly this, so the access suite covers every service the
     platform serves."""
 
-    def __init__(self, security: SecurityServices) -> None:
+    def __init__(self, security: SecurityServices, ingest: IngestService | None = None) -> None:
         assert security.pool is not None, "start the security services first"
         self.security = security
+        self.ingest = ingest  # hospital platforms push frames into its pipeline
+        security.add_rules(push.RULES)
         self.registry = RegistryServicer(security.dsn, security.keyring, security.authorizer)
         security.add_rules(command_service.RULES)
         security.add_rules(registry_service.RULES)
@@ -88,8 +92,11 @@ class Api:
 
     def services(self) -> list[Service]:
         assert self.security.pool is not None
-        return [*self.security.services(), command_service.service(self.security.pool),
-                self.registry.service()]
+        out = [*self.security.services(), command_service.service(self.security.pool),
+               self.registry.service()]
+        if self.ingest is not None:
+            out.append(push.service(self.ingest.pipeline, self.security.authorizer))
+        return out
 
     async def stop(self) -> None:
         await self.registry.stop()
@@ -101,6 +108,7 @@ class Platform:
     grpc: GrpcServer | None = None
     ingest: IngestService | None = None
     workers: WorkerPool | None = None
+    uplink: Uplink | None = None
     security: SecurityServices | None = None
     api: Api | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
@@ -114,7 +122,10 @@ class Platform:
         tcp_port = await self.ingest.start()
         self.workers = WorkerPool(self.cfg, tcp_port)
         extra = await self.workers.start()
-        self.api = Api(self.security)
+        if self.cfg.platform.role == "hospital":  # forward committed frames to the region
+            self.uplink = Uplink(self.cfg)
+            await self.uplink.start()
+        self.api = Api(self.security, self.ingest)
         await self.api.start()
         self.grpc = GrpcServer(self.cfg, services=self.api.services(),
                                interceptors=[self.security.interceptor])
@@ -124,16 +135,22 @@ class Platform:
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
                      f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
             Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                     "Auth, Policy, Audit, Registry, Command; health, reflection"),
+                     "Auth, Policy, Audit, Registry, Command, Ingest push; health, "
+                     "reflection"),
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),
         ]
+        if self.uplink:
+            self.endpoints.append(Endpoint("uplink", self.cfg.uplink.target or "(not set)",
+                                           "committed frames forwarded to the region"))
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
 
     async def stop(self) -> None:
         if self.grpc:
             await self.grpc.stop()
+        if self.uplink:
+            await self.uplink.stop()
         if self.api:
             await self.api.stop()
         if self.workers:

@@ -85,10 +85,19 @@ async def check_tcp(cfg: Config) -> Check:
     return Check("rmf tcp", True, f"{host}:{port} accepts device connections")
 
 
+async def check_uplink(cfg: Config) -> Check:
+    from rmiot.ingest import outbox
+
+    ok, detail = await outbox.status(cfg)
+    return Check("uplink", ok, detail)
+
+
 async def run_checks(cfg: Config) -> list[Check]:
     database = await asyncio.to_thread(check_database, cfg)
     checks = [check_broker(cfg), check_tcp(cfg), check_grpc(cfg)]
     if cfg.grpc.tls:
         checks.append(check_grpc(cfg, mtls=True))
+    if cfg.platform.role == "hospital":
+        checks.append(check_uplink(cfg))
     rest = await asyncio.gather(*checks)
     return [database, *rest]

@@ -1,0 +1,197 @@
+"""The simulated city behind ``rmiot simulate``: which hospitals and devices
+there are, how often each kind reports, and what it reports.
+
+Per hospital, at scale 1 (a city's ``scale`` multiplies the counts):
+
+| kind | count | every | what | connects |
+|---|---|---|---|---|
+| bedside monitor | 12 | 1 s | HR, SpO2, RR, temperature, NIBP, pulse | directly |
+| wearable | 16 | 5 s | HR, SpO2, posture, fall, battery | ward gateway |
+| infusion pump | 8 | 10 s | rate, volume left, state, battery | directly |
+| RFID-tagged equipment | 20 | 30 s | location: zone, x, y, floor, reader | RTLS gateway |
+| environment sensor | 6 | 60 s | air temp., humidity, CO2, PM2.5, ΔP, O2 | building gateway |
+| energy meter | 3 | 60 s | power, energy, water, gas, current, voltage | building gateway |
+
+Vitals wander around each patient's own baseline; now and then a patient has
+an abnormal episode (tachycardia, desaturation, hypotension or fever) lasting
+30 s to 2 min, at about ``abnormal_per_hour`` episodes per monitor an hour.
+
+Registration is idempotent: tenants by code (``sim-city``, ``sim-h01`` …),
+devices by UDI within their hospital (``sim-h01-monitor-003``), so a second run
+finds what the first made.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from rmiot.core_ext import KIND_LOCATION, KIND_TELEMETRY
+from rmiot.registry import store
+from rmiot.tenants import store as tenants_store
+
+Field = tuple[int, int, Any]   # (metric, vtype, value) as in the frame
+F32, I32, BOOL = 1, 3, 5
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    per_hospital: int      # at scale 1
+    interval_s: float
+    frame_kind: int
+    gateway: str           # "" when each device has its own connection
+
+
+KINDS = (
+    Kind("monitor", 12, 1.0, KIND_TELEMETRY, ""),
+    Kind("wearable", 16, 5.0, KIND_TELEMETRY, "ward"),
+    Kind("infusion_pump", 8, 10.0, KIND_TELEMETRY, ""),
+    Kind("rfid_tag", 20, 30.0, KIND_LOCATION, "rtls"),
+    Kind("environment", 6, 60.0, KIND_TELEMETRY, "building"),
+    Kind("energy_meter", 3, 60.0, KIND_TELEMETRY, "building"),
+)
+
+
+@dataclass(frozen=True)
+class City:
+    hospitals: int
+    scale: int
+
+
+CITIES = {"small": City(3, 1), "medium": City(10, 2), "large": City(40, 4)}
+
+
+def frames_per_second(city: City) -> float:
+    """What the whole city sends, on average."""
+    return city.hospitals * city.scale * sum(k.per_hospital / k.interval_s for k in KINDS)
+
+
+@dataclass
+class Device:
+    """One simulated device and the state its readings evolve from."""
+
+    id: int
+    tenant: int
+    kind: Kind
+    rng: random.Random
+    seq: int = 0
+    base: dict[int, float] = field(default_factory=dict)
+    episode: str = ""
+    episode_left_s: float = 0.0
+    counter: float = 0.0       # energy, volume, battery: values that run down or up
+
+    def next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        return self.seq
+
+    def reading(self, abnormal_per_hour: float) -> tuple[list[Field], bool]:
+        """The fields of the next frame, and whether it shows abnormal vitals."""
+        rng, name = self.rng, self.kind.name
+        if name == "monitor":
+            return self._vitals(abnormal_per_hour)
+        if name == "wearable":
+            hr = self.base.setdefault(1, rng.gauss(78, 8)) + rng.gauss(0, 3)
+            self.counter = self.counter - 0.002 if self.counter > 5 else 100.0
+            return [(1, F32, hr), (2, F32, min(100.0, rng.gauss(97, 1))),
+                    (20, I32, rng.choice((0, 0, 0, 1, 2))),
+                    (21, BOOL, rng.random() < 0.0005), (300, F32, self.counter)], False
+        if name == "infusion_pump":
+            rate = self.base.setdefault(10, rng.choice((25.0, 50.0, 80.0, 125.0)))
+            self.counter = self.counter - rate * self.kind.interval_s / 3600 \
+                if self.counter > 5 else rng.choice((250.0, 500.0, 1000.0))
+            occluded = rng.random() < 0.001
+            return [(10, F32, rate), (11, F32, self.counter), (304, I32, 2 if occluded else 1),
+                    (303, I32, 17 if occluded else 0), (300, F32, 80.0)], False
+        if name == "rfid_tag":
+            if not self.base or rng.random() < 0.2:  # equipment moves now and then
+                self.base = {400: rng.randrange(1, 60), 401: rng.uniform(0, 80),
+                             402: rng.uniform(0, 40), 403: rng.randrange(1, 12)}
+            return [(400, I32, int(self.base[400])), (401, F32, self.base[401]),
+                    (402, F32, self.base[402]), (403, I32, int(self.base[403])),
+                    (406, I32, int(self.base[400]) * 10 + 1)], False
+        if name == "environment":
+            return [(100, F32, rng.gauss(23, 0.5)), (101, F32, rng.gauss(50, 4)),
+                    (102, F32, rng.gauss(650, 80)), (103, F32, abs(rng.gauss(18, 6))),
+                    (104, F32, rng.gauss(12, 1.5)), (105, F32, rng.gauss(400, 5))], False
+        power = abs(rng.gauss(self.base.setdefault(200, rng.uniform(40, 400)), 10))
+        self.counter += power * self.kind.interval_s / 3600
+        return [(200, F32, power), (201, F32, self.counter), (202, F32, self.counter / 90),
+                (203, F32, self.counter / 400), (204, F32, power * 1000 / 380 / math.sqrt(3)),
+                (205, F32, rng.gauss(380, 3))], False
+
+    def _vitals(self, abnormal_per_hour: float) -> tuple[list[Field], bool]:
+        rng = self.rng
+        base = self.base
+        if not base:
+            base.update({1: rng.gauss(76, 9), 2: rng.gauss(97.5, 0.8), 3: rng.gauss(15, 2),
+                         4: rng.gauss(36.8, 0.2), 5: rng.gauss(122, 10), 6: rng.gauss(78, 6)})
+        if self.episode_left_s > 0:
+            self.episode_left_s -= self.kind.interval_s
+            if self.episode_left_s <= 0:
+                self.episode = ""
+        elif rng.random() < abnormal_per_hour * self.kind.interval_s / 3600:
+            self.episode = rng.choice(("tachycardia", "desaturation", "hypotension", "fever"))
+            self.episode_left_s = rng.uniform(30, 120)
+        hr, spo2, rr = base[1] + rng.gauss(0, 2), base[2] + rng.gauss(0, 0.4), base[3]
+        temp, sys_, dia = base[4] + rng.gauss(0, 0.03), base[5] + rng.gauss(0, 3), base[6]
+        episode = self.episode
+        if episode == "tachycardia":
+            hr = rng.uniform(135, 165)
+        elif episode == "desaturation":
+            spo2, rr = rng.uniform(80, 88), rr + 8
+        elif episode == "hypotension":
+            sys_, dia, hr = rng.uniform(70, 85), rng.uniform(40, 50), hr + 20
+        elif episode == "fever":
+            temp, hr = rng.uniform(38.8, 40.0), hr + 15
+        spo2 = min(spo2, 100.0)
+        fields: list[Field] = [(1, F32, hr), (2, F32, spo2), (3, F32, rr + rng.gauss(0, 1)),
+                               (4, F32, temp), (5, F32, sys_), (6, F32, dia),
+                               (7, F32, (sys_ + 2 * dia) / 3), (8, F32, hr + rng.gauss(0, 1))]
+        return fields, bool(episode)
+
+
+@dataclass
+class Hospital:
+    tenant: int
+    code: str
+    devices: list[Device]
+
+
+def register(conn: psycopg.Connection[Any], city: City, seed: int = 1) -> tuple[
+        list[Hospital], int]:
+    """Make (or find) the city's tenants and devices; returns the hospitals and
+    how many devices were created now."""
+    created = 0
+    root = _tenant(conn, "sim-city", "Simulated city health commission", "region", None)
+    hospitals = []
+    for h in range(1, city.hospitals + 1):
+        code = f"sim-h{h:02d}"
+        tenant = _tenant(conn, code, f"Simulated hospital {h}", "hospital", root)
+        known = {udi: int(i) for udi, i in conn.execute(
+            "SELECT udi, id FROM devices WHERE tenant_id = %s AND udi LIKE 'sim-%%'",
+            (tenant,)).fetchall()}
+        devices = []
+        for kind in KINDS:
+            for n in range(1, kind.per_hospital * city.scale + 1):
+                udi = f"{code}-{kind.name}-{n:03d}"
+                device_id = known.get(udi)
+                if device_id is None:
+                    device_id = store.register_device(conn, tenant, udi=udi, serial_no=udi)
+                    created += 1
+                devices.append(Device(device_id, tenant, kind,
+                                      random.Random(seed * 1_000_003 + device_id)))
+        hospitals.append(Hospital(tenant, code, devices))
+    return hospitals, created
+
+
+def _tenant(conn: psycopg.Connection[Any], code: str, name: str, level: str,
+            parent: int | None) -> int:
+    row = conn.execute("SELECT id FROM tenants WHERE code = %s", (code,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    return tenants_store.create_tenant(conn, code, name, level, parent)

@@ -1,0 +1,58 @@
+"""The city simulator against a real ingest service: registers its city once
+(a second start finds it), every kind of device reports at its rate, frames
+are acknowledged, and abnormal vitals show up when episodes are frequent."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+
+import psycopg
+
+from rmiot.config import Config
+from rmiot.ingest import city, simulator
+from rmiot.ingest.service import IngestService
+from rmiot.security.sm4 import Keyring
+from tests.conftest import eventually
+
+
+async def test_a_small_city_reports_and_is_acknowledged(base_cfg: Config, database: str,
+                                                        keyring: Keyring) -> None:
+    cfg = dataclasses.replace(
+        base_cfg, ingest=dataclasses.replace(base_cfg.ingest, tcp_port=0, batch_max_ms=5),
+        security=dataclasses.replace(base_cfg.security, keyring_dir=str(keyring.directory)))
+    ingest = IngestService(cfg)
+    port = await ingest.start()
+    try:
+        sim = await simulator.start_simulation(cfg, "small", hospitals=2, port=port, speed=30,
+                                               abnormal_per_hour=3600)
+        out = io.StringIO()
+        progress = asyncio.create_task(simulator.report(sim, out, 0.5))
+        try:
+            await eventually(lambda: sim.stats["ok"] >= 1500, 20, 0.1)
+        finally:
+            progress.cancel()
+            await sim.stop()
+        again = await simulator.start_simulation(cfg, "small", hospitals=2, port=port)
+        await again.stop()
+    finally:
+        await ingest.stop(drain_timeout=5)
+    assert "frames/s" in out.getvalue() and "2 hospitals" in out.getvalue()
+    shape = city.CITIES["small"]
+    assert sim.devices == 2 * shape.scale * sum(k.per_hospital for k in city.KINDS)
+    assert [h.tenant for h in again.hospitals] == [h.tenant for h in sim.hospitals]
+    assert [d.id for h in again.hospitals for d in h.devices] == \
+        [d.id for h in sim.hospitals for d in h.devices]
+    assert not any(k.startswith("refused_") for k in sim.stats)
+    assert sim.stats["abnormal"] > 0 and sim.stats["episodes"] > 0
+    ids = [d.id for h in sim.hospitals for d in h.devices]
+    with psycopg.connect(database, autocommit=True) as conn:
+        kinds: dict[int, int] = dict(conn.execute(
+            "SELECT kind, count(*) FROM telemetry WHERE device_id = ANY(%s) GROUP BY kind",
+            (ids,)).fetchall())
+        reporting = conn.execute(
+            "SELECT count(DISTINCT device_id) FROM telemetry WHERE device_id = ANY(%s)",
+            (ids,)).fetchone()
+    assert set(kinds) == {1, 3}  # telemetry and RFID locations
+    assert reporting is not None and reporting[0] >= len(ids) * 0.9  # (60 s kinds at 30x: 2 s)

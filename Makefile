@@ -12,7 +12,8 @@ PB2    := $(PROTOS:.proto=_pb2.py)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
-        bench-security bench-registry bench-durability bench-federation bench-fuzz clean
+        bench-security bench-registry bench-durability bench-federation bench-transports \
+        bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
@@ -63,7 +64,8 @@ pytest: setup
 
 ## benchmarks -------------------------------------------------------------------
 
-bench: bench-ingest bench-security bench-registry bench-durability bench-federation bench-fuzz
+bench: bench-ingest bench-security bench-registry bench-durability bench-federation \
+       bench-transports bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -84,6 +86,10 @@ bench-durability: setup
 # Issue 4's hospital-platform figures: gRPC push vs TCP, uplink catch-up.
 bench-federation: setup
 	@$(BIN)/python benches/bench_federation.py
+
+# Issue 4's device transports: MQTT, CoAP, HTTP against TCP in one run.
+bench-transports: setup
+	@$(BIN)/python benches/bench_transports.py
 
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py

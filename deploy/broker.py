@@ -1,7 +1,11 @@
 """The private Mosquitto broker: ``rmiot broker start|stop|status``.
 
 State under ``<data_dir>/broker``: ``mosquitto.conf`` (rewritten from
-deploy/mosquitto.conf at every start), ``mosquitto.pid`` and ``mosquitto.log``.
+deploy/mosquitto.conf at every start), ``mosquitto.pid`` and ``mosquitto.log``,
+and the login and ACL files of ``rmiot.deploy.broker_auth`` (assembled at every
+start; ``reload`` makes a running broker read them again). No anonymous
+clients: the platform logs in as ``broker.platform_user``
+(``broker_auth.platform_login``), devices with their transport credentials.
 The broker runs detached from the command that starts it, so ``rmiot run`` and
 the test fixtures can share it; under root it drops to the ``mosquitto`` user.
 """
@@ -98,8 +102,12 @@ class Broker:
             raise BrokerError(f"cannot start the broker: {host}:{port} is already in use "
                               "(set broker.port or RMIOT_BROKER_PORT)")
         self.root.mkdir(parents=True, exist_ok=True)
+        from rmiot.deploy import broker_auth  # it imports this module
+
+        files = broker_auth.assemble(self.cfg)
         conf = self.root / "mosquitto.conf"
-        conf.write_text(TEMPLATE.read_text().format(host=host, port=port))
+        conf.write_text(TEMPLATE.read_text().format(
+            host=host, port=port, password_file=files.password_file, acl_file=files.acl_file))
         # Spawned detached (own session, no Popen object): it outlives this command.
         with (self.root / "mosquitto.log").open("ab") as logfh:
             actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -113,6 +121,15 @@ class Broker:
             tail = (self.root / "mosquitto.log").read_text(errors="replace").splitlines()[-5:]
             raise BrokerError("the broker did not start:\n  " + "\n  ".join(tail))
         log.info("broker started", extra={"port": port})
+        return True
+
+    def reload(self) -> bool:
+        """SIGHUP: the running broker rereads its login and ACL files (and drops
+        clients whose login is gone). False when it is not running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGHUP)
         return True
 
     def stop(self) -> bool:

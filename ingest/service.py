@@ -1,6 +1,7 @@
 """The ingest service of one platform process: the registry's device view, the
-pipeline with its batch writers, the transport adapters (TCP so far), and the
-command dispatcher that sends devices their commands over those connections.
+pipeline with its batch writers, the transport adapters (TCP; MQTT, CoAP and
+HTTP when enabled: ``ingest.device_transports``), and the command dispatcher
+that sends devices their commands over those connections.
 
 Stopping is orderly so that nothing acknowledged is lost and as little as
 possible is left for devices to retransmit: stop accepting, stop reading,
@@ -14,6 +15,7 @@ import logging
 
 from rmiot import db
 from rmiot.config import Config
+from rmiot.ingest.device_transports import DeviceTransports
 from rmiot.ingest.outbox import Outbox
 from rmiot.ingest.pipeline import Pipeline
 from rmiot.ingest.tcp import TcpAdapter
@@ -35,6 +37,9 @@ class IngestService:
         self.commands = CommandDispatcher(dsn)
         self.pipeline.dispatcher = self.commands
         self.tcp = TcpAdapter(cfg.ingest, self.pipeline)
+        # MQTT, CoAP, HTTP: each when enabled in its config section.
+        self.transports = DeviceTransports(cfg, self.pipeline)
+        self.ports: dict[str, int] = {}  # their ports, once started
 
     async def start(self) -> int:
         """Start everything; returns the TCP port bound."""
@@ -42,6 +47,7 @@ class IngestService:
         await self.commands.start()
         await self.pipeline.writer.start()
         port = await self.tcp.start()
+        self.ports = await self.transports.start()
         log.info("ingest started", extra={"tcp_port": port, "devices": len(self.view.devices),
                                           "writers": self.cfg.ingest.writers})
         return port
@@ -49,11 +55,13 @@ class IngestService:
     async def stop(self, drain_timeout: float = 10.0) -> None:
         await self.tcp.stop_accepting()
         self.tcp.pause_all()
+        await self.transports.stop_taking()
         self.pipeline.flush()
         if not await self.pipeline.writer.drain(drain_timeout):
             log.warning("stopping with uncommitted batches; devices will retransmit them",
                         extra={"batches": self.pipeline.writer.backlog})
         await self.tcp.close_all()
+        await self.transports.stop()
         await self.pipeline.writer.stop()
         await self.commands.stop()
         await self.view.stop()

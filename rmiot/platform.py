@@ -19,6 +19,7 @@ import psycopg
 from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate, replica
+from rmiot.deploy.broker_auth import BrokerAuthSync
 from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest import push
 from rmiot.ingest.service import IngestService
@@ -109,6 +110,7 @@ class Platform:
     ingest: IngestService | None = None
     workers: WorkerPool | None = None
     uplink: Uplink | None = None
+    broker_auth: BrokerAuthSync | None = None
     security: SecurityServices | None = None
     api: Api | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
@@ -117,6 +119,10 @@ class Platform:
         cluster.check_reachable(db.app_dsn(self.cfg))
         self.security = SecurityServices(self.cfg)
         await self.security.start()
+        if self.cfg.mqtt.enabled and self.cfg.broker.private:
+            # Device logins and ACLs of the private broker follow the registry.
+            self.broker_auth = BrokerAuthSync(self.cfg, db.app_dsn(self.cfg))
+            await self.broker_auth.start()
         self.ingest = IngestService(self.cfg)
         self.ingest.pipeline.on_abuse = self.security.ingest_abuse
         tcp_port = await self.ingest.start()
@@ -140,6 +146,8 @@ class Platform:
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),
         ]
+        for name, bound in self.ingest.ports.items():  # MQTT, CoAP, HTTP when enabled
+            self.endpoints.append(Endpoint(f"{name} devices", f"port {bound}", ""))
         if self.uplink:
             self.endpoints.append(Endpoint("uplink", self.cfg.uplink.target or "(not set)",
                                            "committed frames forwarded to the region"))
@@ -157,6 +165,8 @@ class Platform:
             await self.workers.stop()
         if self.ingest:
             await self.ingest.stop()
+        if self.broker_auth:
+            await self.broker_auth.stop()
         if self.security:
             await self.security.stop()  # last: the audit log flushes what the others wrote
         log.info("platform stopped")

@@ -42,9 +42,16 @@ def check_database(cfg: Config) -> Check:
 
 
 async def check_broker(cfg: Config) -> Check:
+    from rmiot.ingest.broker_login import NoBrokerLogin, read_login
+
     host, port = broker.endpoint(cfg)
     try:
-        async with aiomqtt.Client(host, port, timeout=3, identifier="rmiot-status"):
+        user, password = read_login(cfg)  # the platform's own login: anonymous is refused
+    except NoBrokerLogin as exc:
+        return Check("mqtt broker", False, f"mqtt://{host}:{port}: {exc}")
+    try:
+        async with aiomqtt.Client(host, port, timeout=3, identifier="rmiot-status",
+                                  username=user, password=password):
             pass
     except (aiomqtt.MqttError, OSError) as exc:
         return Check("mqtt broker", False, f"mqtt://{host}:{port}: {exc}")

@@ -1,20 +1,43 @@
-"""The private Mosquitto broker: real MQTT v5 traffic, shared subscriptions."""
+"""The private Mosquitto broker: real MQTT v5 traffic, shared subscriptions,
+no anonymous clients."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 
 import aiomqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rmiot.config import Config
+from rmiot.ingest.broker_login import read_login
+
 V5 = aiomqtt.ProtocolVersion.V5
+Connect = Callable[..., aiomqtt.Client]
 
 
-async def test_publish_reaches_subscriber(mqtt: tuple[str, int]) -> None:
+@pytest.fixture
+def platform_client(base_cfg: Config, mqtt: tuple[str, int]) -> Connect:
+    """aiomqtt.Client with the broker address and the platform's login filled in."""
+    user, password = read_login(base_cfg)
+    return functools.partial(aiomqtt.Client, *mqtt, username=user, password=password,
+                             protocol=V5)
+
+
+async def test_anonymous_and_wrong_logins_are_refused(mqtt: tuple[str, int]) -> None:
     host, port = mqtt
-    async with aiomqtt.Client(host, port, protocol=V5, identifier="t-sub") as sub, \
-            aiomqtt.Client(host, port, protocol=V5, identifier="t-pub") as pub:
+    for login in ({}, {"username": "rmiot-platform", "password": "not-it"}):
+        with pytest.raises(aiomqtt.MqttCodeError, match=r"Not authorized|Bad user name"):
+            async with aiomqtt.Client(host, port, protocol=V5, identifier="t-anon", **login):
+                pass
+
+
+async def test_publish_reaches_subscriber(platform_client: Connect) -> None:
+    async with platform_client(identifier="t-sub") as sub, \
+            platform_client(identifier="t-pub") as pub:
         await sub.subscribe("rmiot/test/+/up", qos=1)
         await pub.publish("rmiot/test/7/up", b"\x52\x4d frame", qos=1)
         async with asyncio.timeout(5):
@@ -24,9 +47,8 @@ async def test_publish_reaches_subscriber(mqtt: tuple[str, int]) -> None:
                 break
 
 
-async def test_shared_subscription_splits_the_load(mqtt: tuple[str, int]) -> None:
+async def test_shared_subscription_splits_the_load(platform_client: Connect) -> None:
     """Two ingest processes in group $share/rmiot each get a part, none twice."""
-    host, port = mqtt
     got: dict[str, list[bytes]] = {"a": [], "b": []}
     total = 40
 
@@ -37,9 +59,9 @@ async def test_shared_subscription_splits_the_load(mqtt: tuple[str, int]) -> Non
             if sum(map(len, got.values())) == total:
                 return
 
-    async with aiomqtt.Client(host, port, protocol=V5, identifier="t-a") as a, \
-            aiomqtt.Client(host, port, protocol=V5, identifier="t-b") as b, \
-            aiomqtt.Client(host, port, protocol=V5, identifier="t-p") as pub:
+    async with platform_client(identifier="t-a") as a, \
+            platform_client(identifier="t-b") as b, \
+            platform_client(identifier="t-p") as pub:
         for client in (a, b):
             await client.subscribe("$share/rmiot/rmiot/share-test/#", qos=1)
         props = Properties(PacketTypes.PUBLISH)

@@ -47,8 +47,10 @@ proto/%_pb2.py: proto/%.proto | $(VENV)/.installed
 
 ## the two commands -------------------------------------------------------------
 
+# A simulated city feeds the platform (SIMULATE= runs it alone).
+SIMULATE ?= small
 run: setup
-	@$(BIN)/rmiot run
+	@$(BIN)/rmiot run $(if $(SIMULATE),--simulate $(SIMULATE))
 
 test: setup lint typecheck pytest
 

@@ -153,6 +153,15 @@ class Simulation:
                 await task
         self._tasks = []
 
+    async def finish(self, wait_s: float = 3.0) -> None:
+        """Stop sending, give the last acks up to ``wait_s``, then stop."""
+        await self.stop_sending()
+        for _ in range(int(wait_s / 0.05)):
+            if not any(link.unacked and link.transport for link in self.links):
+                break
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def stop(self) -> None:
         await self.stop_sending()
         for link in self.links:
@@ -242,7 +251,7 @@ async def start_simulation(cfg: Config, city_name: str = "small", *, hospitals: 
 
     made, created = await asyncio.to_thread(register)
     if created:
-        log.info("simulator registered devices", extra={"created": created})
+        log.info("simulator registered devices", extra={"devices": created})
         await asyncio.sleep(1.0)  # the ingest processes' device views follow within ms
     sim = Simulation(made, host or cfg.ingest.tcp_host, port or cfg.ingest.tcp_port, speed,
                      abnormal_per_hour)
@@ -321,11 +330,6 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     progress.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await progress
-    await sim.stop_sending()
-    for _ in range(60):  # up to 3 s for the last acks
-        if not any(link.unacked and link.transport for link in sim.links):
-            break
-        await asyncio.sleep(0.05)
-    await sim.stop()
+    await sim.finish()
     print(f"\n{sim.summary()}", flush=True)
     return 0

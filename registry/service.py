@@ -12,6 +12,7 @@ Authorisation, in two layers:
    | CreateModel | device_model write |
    | GetModel, ListModels | device_model read |
    | RegisterDevice, ImportDevices, UpdateDevice, IssueKey, RevokeKeys | device write |
+   | IssueTransportCredential, RevokeTransportCredentials | device write |
    | GetDevice, FindDevices, ListDevices, StateHistory, ListVendorApprovals | device read |
    | Transition, ApproveVendor, RevokeVendor | device manage |
    | Bind, Transfer, Unbind | patient write (and device read, checked here) |
@@ -49,7 +50,16 @@ from psycopg_pool import ConnectionPool
 from rmiot.grpc_server import Context, Service
 from rmiot.proto import registry_pb2 as pb
 from rmiot.proto import registry_pb2_grpc
-from rmiot.registry import approvals, bindings, devices, lifecycle, messages, models, store
+from rmiot.registry import (
+    approvals,
+    bindings,
+    devices,
+    lifecycle,
+    messages,
+    models,
+    store,
+    transport_credentials,
+)
 from rmiot.registry.devices import Device, Scope
 from rmiot.registry.importer import import_specs, parse_rows
 from rmiot.registry.store import RegistryError
@@ -86,6 +96,8 @@ RULES = {f"/{SERVICE}/{method}": rule for method, rule in {
     "ListVendorApprovals": _rule("device", "read"),
     "IssueKey": _rule("device", "write", "device_id"),
     "RevokeKeys": _rule("device", "write", "device_id"),
+    "IssueTransportCredential": _rule("device", "write", "device_id"),
+    "RevokeTransportCredentials": _rule("device", "write", "device_id"),
 }.items()}
 
 MAX_PAGE = 1000
@@ -438,9 +450,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         def issue(conn: psycopg.Connection[Any]) -> tuple[int, bytes]:
             device = devices.get(conn, request.device_id, self._scope(conn, who))
-            if device.state in ("retired", "scrapped"):
-                raise RegistryError(f"device {device.id} is {device.state}: it gets no keys",
-                                    store.PRECONDITION)
+            _may_hold_credentials(device)
             with conn.transaction():
                 version, key = store.add_key(conn, self.keyring, device.id, algorithm)
                 # The older keys end after the overlap (now, by default).
@@ -463,12 +473,46 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             return store.revoke_keys(conn, request.device_id)
         return pb.RevokeKeysReply(revoked=await self._run(context, revoke))
 
+    async def IssueTransportCredential(self, request: pb.IssueTransportCredentialRequest,
+                                       context: Context) -> pb.IssueTransportCredentialReply:
+        who = self._acting(request)
+
+        def issue(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+            device = devices.get(conn, request.device_id, self._scope(conn, who))
+            _may_hold_credentials(device)
+            return transport_credentials.issue(conn, device.id, request.username or None)
+        username, password = await self._run(context, issue)
+        return pb.IssueTransportCredentialReply(device_id=request.device_id, username=username,
+                                                password=password)
+
+    async def RevokeTransportCredentials(self, request: pb.RevokeTransportCredentialsRequest,
+                                         context: Context
+                                         ) -> pb.RevokeTransportCredentialsReply:
+        who = self._acting(request)
+
+        def revoke(conn: psycopg.Connection[Any]) -> int:
+            devices.get(conn, request.device_id, self._scope(conn, who))
+            revoked = transport_credentials.revoke(conn, device_id=request.device_id,
+                                                   username=request.username or None)
+            if request.username and not revoked:  # not this device's, or revoked before
+                raise RegistryError(f"no live login {request.username!r} of device "
+                                    f"{request.device_id}", store.NOT_FOUND)
+            return revoked
+        return pb.RevokeTransportCredentialsReply(revoked=await self._run(context, revoke))
+
 
 # -- helpers ---------------------------------------------------------------------------
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("abort returned")  # it raises; this tells the type checker
+
+
+def _may_hold_credentials(device: Device) -> None:
+    """Retired and scrapped devices get no keys and no logins."""
+    if device.state in ("retired", "scrapped"):
+        raise RegistryError(f"device {device.id} is {device.state}: it gets no credentials",
+                            store.PRECONDITION)
 
 
 def _vendor_id(conn: psycopg.Connection[Any], who: Acting) -> int | None:

@@ -112,13 +112,14 @@ def verify(conn: psycopg.Connection[Any], username: str, password: str) -> int |
 
 def revoke(conn: psycopg.Connection[Any], *, username: str | None = None,
            device_id: int | None = None) -> int:
-    """Revoke one credential (by user name) or all of a device's; returns how
-    many were live."""
-    if (username is None) == (device_id is None):
-        raise RegistryError("revoke: give a username or a device id, not both")
-    column, value = ("username", username) if username is not None else ("device_id", device_id)
-    cur = conn.execute(f"UPDATE transport_credentials SET revoked_at = now() "
-                       f"WHERE {column} = %s AND revoked_at IS NULL".encode(), (value,))
+    """Revoke one credential (by user name; with ``device_id`` too, only if it
+    is that device's) or all of a device's; returns how many were live."""
+    if username is None and device_id is None:
+        raise RegistryError("revoke: give a username, a device id or both")
+    cur = conn.execute("UPDATE transport_credentials SET revoked_at = now() "
+                       "WHERE (%(user)s::text IS NULL OR username = %(user)s) "
+                       "AND (%(device)s::bigint IS NULL OR device_id = %(device)s) "
+                       "AND revoked_at IS NULL", {"user": username, "device": device_id})
     return cur.rowcount
 
 

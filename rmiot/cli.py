@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     infra = Infrastructure(cfg)
     try:
         infra.up()
-        uvloop.run(serve(cfg, infra))
+        uvloop.run(serve(cfg, infra, simulate=args.simulate))
     finally:
         infra.down()
     return 0
@@ -143,6 +143,8 @@ def _delegate(main: Callable[[Config, argparse.Namespace], int]) -> Handler:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rmiot.ingest import city
+
     parser = argparse.ArgumentParser(
         prog="rmiot", description="Regional medical IoT platform (T/GDIOT 009-2024).")
     parser.add_argument("--config", metavar="PATH",
@@ -155,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("run", cmd_run, "start the platform (and the private database and broker) "
-        "until Ctrl-C")
+    p = add("run", cmd_run, "start the platform (and the private database and broker) "
+            "until Ctrl-C")
+    p.add_argument("--simulate", metavar="CITY", choices=sorted(city.CITIES), default="",
+                   help="also run a simulated city feeding the platform (small, medium, "
+                        "large: see rmiot simulate --help), with live rates on the terminal")
     p = add("status", cmd_status, "check the database, broker and every service")
     p.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     p = add("config", cmd_config, "validate the configuration, or show the effective one")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import dataclass, field
 
 import psycopg
@@ -23,6 +24,7 @@ from rmiot.deploy.broker_auth import BrokerAuthSync
 from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest import push
 from rmiot.ingest.service import IngestService
+from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
 from rmiot.registry import command_service
@@ -179,9 +181,13 @@ async def _has_tenants(cfg: Config) -> bool:
     return bool(row and row[0])
 
 
-async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True) -> None:
-    """Run the platform until SIGINT or SIGTERM."""
+async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True,
+                simulate: str = "") -> None:
+    """Run the platform until SIGINT or SIGTERM; with ``simulate`` (a city's
+    size), a simulated city feeds it, with live rates on the terminal."""
     platform = Platform(cfg)
+    sim: Simulation | None = None
+    progress: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,7 +205,20 @@ async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True) -> No
                       "--level region)\n"
                       "  .venv/bin/rmiot users create secadmin --tenant $R --role security_admin",
                       flush=True)
+        if simulate:
+            assert platform.ingest is not None
+            sim = await start_simulation(cfg, simulate, port=platform.ingest.tcp.port)
+            print(f"simulating {len(sim.hospitals)} hospitals, {sim.devices} devices "
+                  f"(rmiot simulate --help)", flush=True)
+            progress = asyncio.create_task(report(sim, sys.stdout, 10.0))
+        if on_ready:
             print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
     finally:
+        if progress is not None:
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
+        if sim is not None:
+            await sim.finish()
+            print(f"\n{sim.summary()}", flush=True)
         await platform.stop()

@@ -16,15 +16,6 @@ def fresh_database(name: str) -> tuple[Config, str, bool]:
     and True when the cluster was started here (the caller stops it)."""
     cfg = load()
     cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, name=name))
-    started = False
-    if cfg.database.private:
-        pg = cluster.Cluster(cfg)
-        started = pg.start()
-        pg.drop_database(name)
-        pg.ensure_database()
-    else:
-        with db.connect(db.admin_dsn(cfg, "postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    started = cluster.recreate_database(cfg)
     migrate.migrate(db.admin_dsn(cfg))
     return cfg, db.app_dsn(cfg), started

@@ -163,3 +163,20 @@ def check_reachable(dsn: str) -> None:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
         raise db.DatabaseUnreachable(dsn, exc) from None
+
+
+def recreate_database(cfg: Config) -> bool:
+    """Drop and create ``cfg.database.name`` empty (starting the private
+    cluster if needed; True when it was started here). Migrate it next."""
+    name = cfg.database.name
+    started = False
+    if cfg.database.private:
+        pg = Cluster(cfg)
+        started = pg.start()
+        pg.drop_database(name)
+        pg.ensure_database()
+    else:
+        with db.connect(db.admin_dsn(cfg, "postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    return started

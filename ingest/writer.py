@@ -16,6 +16,9 @@ transaction:
 - a row the database refuses for its data (it should not happen: the decoder
   and the pipeline's checks come first) is isolated by bisecting the batch and
   reported as rejected, so one bad row never costs the others;
+- the same transaction marks what it stored for the query service's rollups
+  (``rmiot.ingest.marks``: one small row per batch), so late rows correct
+  buckets already rolled up;
 - in the hospital role (``outbox`` set), the same transaction also COPYs the
   newly stored frames into the outbox the uplink drains to the region
   (``rmiot.ingest.outbox``), so nothing committed is missing from it; the
@@ -40,6 +43,7 @@ import psycopg
 from psycopg import errors
 
 from rmiot.core_ext import Frame, copy_header, copy_trailer
+from rmiot.ingest.marks import mark_stored
 from rmiot.ingest.outbox import Outbox
 
 log = logging.getLogger("rmiot.ingest.writer")
@@ -184,13 +188,11 @@ class BatchWriter:
                       frames: Sequence[Frame], ticket: int = 0) -> Outcome:
         data = b"".join([copy_header(), *(f.copy_row for f in frames), copy_trailer()])
         try:
-            if self.outbox is None:
-                async with conn.transaction(), conn.cursor().copy(COPY_SQL) as copy:
+            async with conn.transaction():
+                async with conn.cursor().copy(COPY_SQL) as copy:
                     await copy.write(data)
-            else:
-                async with conn.transaction():
-                    async with conn.cursor().copy(COPY_SQL) as copy:
-                        await copy.write(data)
+                await mark_stored(conn, frames)
+                if self.outbox is not None:
                     await self.outbox.write(conn, frames, ticket)
             return Outcome()
         except errors.UniqueViolation:
@@ -209,9 +211,10 @@ class BatchWriter:
                 cur = await conn.execute(MERGE_SQL)
                 stored = {(dev, seq, (ts - EPOCH) // ONE_US)
                           for dev, seq, ts in await cur.fetchall()}
+                fresh = [f for f in frames if frame_key(f) in stored]
+                await mark_stored(conn, fresh)
                 if self.outbox is not None:
-                    await self.outbox.write(conn, [f for f in frames if frame_key(f) in stored],
-                                            ticket)
+                    await self.outbox.write(conn, fresh, ticket)
         except (errors.DataError, errors.IntegrityError) as exc:
             return await self._bisect(conn, frames, exc, ticket)
         duplicates = frozenset(k for k in map(frame_key, frames) if k not in stored)

@@ -257,6 +257,37 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    simple_s: float = 1.0
+    complex_s: float = 2.0
+    batch_s: float = 3.0
+    min_group_size: int = 11
+    pool_max: int = 8
+    batch_max_items: int = 100
+    batch_parallel: int = 8
+    online_within_s: int = 300
+    rollup_period_s: float = 30.0
+    rollup_scan_overlap_s: float = 120.0
+    rollup_open_refresh_s: float = 300.0
+    rollup_minute_keep_days: int = 2
+    retention_period_s: float = 3600.0
+
+    def check(self) -> None:
+        for key in ("simple_s", "complex_s", "batch_s"):
+            _at_least(f"query.{key}", getattr(self, key), 0.01)
+        _at_least("query.min_group_size", self.min_group_size, 1)
+        _at_least("query.pool_max", self.pool_max, 1)
+        _at_least("query.batch_max_items", self.batch_max_items, 1)
+        _at_least("query.batch_parallel", self.batch_parallel, 1)
+        _at_least("query.online_within_s", self.online_within_s, 1)
+        _at_least("query.rollup_period_s", self.rollup_period_s, 0.1)
+        _at_least("query.rollup_scan_overlap_s", self.rollup_scan_overlap_s, 0)
+        _at_least("query.rollup_open_refresh_s", self.rollup_open_refresh_s, 0)
+        _at_least("query.rollup_minute_keep_days", self.rollup_minute_keep_days, 1)
+        _at_least("query.retention_period_s", self.retention_period_s, 1)
+
+
+@dataclass(frozen=True)
 class BackupConfig:
     dir: str = ""
     keep: int = 7
@@ -290,6 +321,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"

@@ -27,6 +27,9 @@ from rmiot.ingest.service import IngestService
 from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
+from rmiot.query import service as query_service
+from rmiot.query.jobs import QueryJobs
+from rmiot.query.service import QueryService
 from rmiot.registry import command_service
 from rmiot.registry import service as registry_service
 from rmiot.registry.service import RegistryServicer
@@ -89,19 +92,23 @@ class Api:
         self.registry = RegistryServicer(security.dsn, security.keyring, security.authorizer)
         security.add_rules(command_service.RULES)
         security.add_rules(registry_service.RULES)
+        self.query = QueryService(security.cfg, security.authorizer)
+        security.add_rules(query_service.RULES)
 
     async def start(self) -> None:
         await self.registry.start()
+        await self.query.start()
 
     def services(self) -> list[Service]:
         assert self.security.pool is not None
         out = [*self.security.services(), command_service.service(self.security.pool),
-               self.registry.service()]
+               self.registry.service(), *self.query.services()]
         if self.ingest is not None:
             out.append(push.service(self.ingest.pipeline, self.security.authorizer))
         return out
 
     async def stop(self) -> None:
+        await self.query.stop()
         await self.registry.stop()
 
 
@@ -115,6 +122,7 @@ class Platform:
     broker_auth: BrokerAuthSync | None = None
     security: SecurityServices | None = None
     api: Api | None = None
+    query_jobs: QueryJobs | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
@@ -135,6 +143,8 @@ class Platform:
             await self.uplink.start()
         self.api = Api(self.security, self.ingest)
         await self.api.start()
+        self.query_jobs = QueryJobs(self.cfg)  # rollups and retention
+        await self.query_jobs.start()
         self.grpc = GrpcServer(self.cfg, services=self.api.services(),
                                interceptors=[self.security.interceptor])
         port = await self.grpc.start()
@@ -143,8 +153,8 @@ class Platform:
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
                      f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
             Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                     "Auth, Policy, Audit, Registry, Command, Ingest push; health, "
-                     "reflection"),
+                     "Auth, Policy, Audit, Registry, Command, Query, Ingest push; "
+                     "health, reflection"),
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),
         ]
@@ -161,6 +171,8 @@ class Platform:
             await self.grpc.stop()
         if self.uplink:
             await self.uplink.stop()
+        if self.query_jobs:
+            await self.query_jobs.stop()
         if self.api:
             await self.api.stop()
         if self.workers:

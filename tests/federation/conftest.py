@@ -45,14 +45,7 @@ def hospital_cfg(base_cfg: Config, database: str) -> Config:
     name = f"{base_cfg.database.name}_hospital"
     cfg = dataclasses.replace(base_cfg, database=dataclasses.replace(base_cfg.database,
                                                                      name=name))
-    if cfg.database.private:
-        pg = cluster.Cluster(cfg)
-        pg.drop_database(name)
-        pg.ensure_database()
-    else:
-        with db.connect(db.admin_dsn(cfg, "postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    cluster.recreate_database(cfg)
     migrate.migrate(db.admin_dsn(cfg))
     return cfg
 

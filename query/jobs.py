@@ -1,0 +1,53 @@
+"""The query side's background work in a running platform: the rollup job
+(every ``query.rollup_period_s``) and each tenant's retention (every
+``query.retention_period_s``). Started once per platform host, in the main
+process; the rollup job's advisory lock keeps two hosts from running it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+
+from rmiot import db
+from rmiot.config import Config
+from rmiot.query import retention
+from rmiot.query.rollups import JobSettings, RollupJob
+
+log = logging.getLogger("rmiot.query.jobs")
+
+
+class QueryJobs:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rollups = RollupJob(db.app_dsn(cfg), JobSettings.of(cfg.query))
+        self._retention: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.rollups.start()
+        self._retention = asyncio.create_task(self._retain(), name="retention")
+
+    async def _retain(self) -> None:
+        while True:
+            try:
+                report = await asyncio.to_thread(retention.apply, db.admin_dsn(self.cfg))
+                if report.chunks_dropped or report.telemetry_deleted or report.rollups_deleted:
+                    log.info("retention applied", extra={
+                        "chunks_dropped": report.chunks_dropped,
+                        "telemetry_deleted": report.telemetry_deleted,
+                        "rollups_deleted": report.rollups_deleted})
+            except (psycopg.Error, OSError) as exc:
+                log.warning("retention failed; retrying next period",
+                            extra={"error": str(exc).strip()})
+            await asyncio.sleep(self.cfg.query.retention_period_s)
+
+    async def stop(self) -> None:
+        await self.rollups.stop()
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+            self._retention = None

@@ -66,8 +66,8 @@ pytest: setup
 
 ## benchmarks -------------------------------------------------------------------
 
-bench: bench-ingest bench-security bench-registry bench-durability bench-federation \
-       bench-transports bench-fuzz
+bench: bench-ingest bench-security bench-registry bench-durability bench-transports \
+       bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -85,13 +85,12 @@ bench-registry: setup
 bench-durability: setup
 	@$(BIN)/python benches/bench_durability.py
 
-# Issue 4's hospital-platform figures: gRPC push vs TCP, uplink catch-up.
-bench-federation: setup
-	@$(BIN)/python benches/bench_federation.py
-
-# Issue 4's device transports: MQTT, CoAP, HTTP against TCP in one run.
+# Issue 4's figures in one run: MQTT, CoAP, HTTP and gRPC push against TCP,
+# then the uplink's catch-up after an outage (bench-federation: the same).
 bench-transports: setup
 	@$(BIN)/python benches/bench_transports.py
+
+bench-federation: bench-transports
 
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py

@@ -1,14 +1,15 @@
-"""make bench-transports: the device transports' figures (issue 4), one run,
-same machine, same ingest processes.
+"""make bench-transports: issue 4's figures, one run, same machine, same
+ingest processes.
 
-The ingest service runs as the platform runs it — ``rmiot.ingest.worker``,
-BENCH_SERVERS processes (default: one per core) sharing the TCP, HTTP and
-CoAP ports (SO_REUSEPORT) and one MQTT shared subscription — with every
-transport enabled, against the private Mosquitto (real logins and ACLs
-generated from the registry) and the private TimescaleDB. Then, one after
-the other for BENCH_SECONDS each, a load generator (this file with ``--load``,
-another process) plays BENCH_DEVICES devices on one transport, each keeping up
-to BENCH_WINDOW (256) frames unacknowledged, like a device with a send buffer:
+The region runs as the platform runs it — BENCH_SERVERS processes (default:
+one per core) of ``rmiot.ingest.push_worker`` sharing the RMF TCP, HTTP,
+CoAP and mutual-TLS gRPC ports (SO_REUSEPORT) and one MQTT shared
+subscription — with every transport enabled, against the private Mosquitto
+(real logins and ACLs generated from the registry) and the private
+TimescaleDB. Then, one after the other for BENCH_SECONDS each, a load
+generator (another process) plays BENCH_DEVICES devices on one path, each
+keeping up to BENCH_WINDOW (256) frames unacknowledged, like a device with a
+send buffer:
 
 - tcp: benches/loadgen.py (one connection per device, frames back to back);
 - mqtt: one MQTT v5 connection per device with its own login (a minimal
@@ -20,19 +21,31 @@ to BENCH_WINDOW (256) frames unacknowledged, like a device with a send buffer:
   the window holds, over keep-alive connections;
 - coap: ``POST /rmf/<id>`` of BENCH_COAP_FRAMES (10) frames — one datagram, no
   blockwise — confirmable, one at a time (CoAP's NSTART = 1), so its window is
-  one request: a protocol for constrained devices, not for bulk.
+  one request: a protocol for constrained devices, not for bulk;
+- grpc_push: a hospital platform (benches/federation.py push) with its client
+  certificate, BENCH_PUSH_STREAMS (8) streams of BENCH_PUSH_FRAMES (4000)-frame
+  batches, each waiting for its reply.
 
 8-field telemetry frames with ACK_REQ; a point counts once acknowledged OK,
-i.e. committed. Each transport has its own devices, so nothing is a
-duplicate. Runs in its own database (rmiot_bench_transports), created afresh,
-and its own topic root on the broker (removed at the end). Last line: one
-JSON object with every figure; the goal is MQTT >= 0.5x TCP.
+i.e. committed. Each path has its own devices, so nothing is a duplicate. The
+machine's load drifts (the database, other work), so the paths take turns for
+BENCH_ROUNDS (3) rounds: each figure is the median of its rounds, and each
+ratio (``mqtt_over_tcp``, ``grpc_push_over_tcp``) the median of that round's
+figure over the same round's TCP. Ingest (and broker) CPU seconds per million
+points come with them: those do not depend on what else the machine does.
 
-The machine's load drifts (the database, other work), so the transports take
-turns for BENCH_ROUNDS (3) rounds: each figure is the median of its rounds,
-and ``mqtt_over_tcp`` the median of each round's MQTT over that round's TCP.
-Ingest (and broker) CPU seconds per million points come with them: those do
-not depend on what else the machine does.
+Last, the uplink (benches/federation.py catchup): a hospital in the hospital
+role with its own database takes a steady live load over TCP, its link to
+the region (the same processes) cut for BENCH_OUTAGE_S (20) s; then the
+uplink starts and drains the outbox while the live load goes on:
+``uplink_catchup_points_per_s`` over the live rate is
+``uplink_catchup_over_live``.
+
+Goals: grpc_push >= 0.8x tcp; mqtt >= 0.5x tcp (frames batched per message);
+uplink catch-up >= 3x the live rate. Databases rmiot_bench_transports (the
+region) and rmiot_bench_transports_hospital, created afresh; its own topic
+root on the broker (removed at the end). Last line: one JSON object with
+every figure, the ratios and ``goals_met``.
 """
 
 from __future__ import annotations
@@ -52,58 +65,59 @@ import time
 from pathlib import Path
 from typing import Any
 
+import federation  # benches/federation.py
 import psycopg
-from common import fresh_database  # benches/common.py
+from common import (  # benches/common.py
+    acked_ok,
+    cpu_s,
+    free_port,
+    fresh_database,
+    say,
+    telemetry_frame,
+)
 
 from rmiot.config import Config
-from rmiot.core_ext import ACK_OK, FLAG_ACK_REQ, IMPL, encode_ack, encode_frame
+from rmiot.core_ext import IMPL
 from rmiot.deploy import broker, broker_auth, cluster
 from rmiot.registry import store
 from rmiot.registry import transport_credentials as creds
 from rmiot.tenants import store as tenants_store
 
 HERE = Path(__file__).resolve().parent
+FIELDS = 8
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DEVICES = int(os.environ.get("BENCH_DEVICES", "50"))
+LIVE_DEVICES = 100
 SERVERS = int(os.environ.get("BENCH_SERVERS", str(os.cpu_count() or 1)))
 # Unacknowledged frames a device may have out: the TCP load generator's default.
 WINDOW = int(os.environ.get("BENCH_WINDOW", "256"))
 MQTT_FRAMES = int(os.environ.get("BENCH_MQTT_FRAMES", "128"))
 HTTP_FRAMES = int(os.environ.get("BENCH_HTTP_FRAMES", "128"))
 COAP_FRAMES = int(os.environ.get("BENCH_COAP_FRAMES", "10"))  # ~0.9 kB: one datagram
-FIELDS = 8
 TOPIC_ROOT = "rmiot-bench"
-ALL_TRANSPORTS = ("tcp", "mqtt", "http", "coap")
-# BENCH_TRANSPORTS=tcp,mqtt measures only those (tcp and mqtt are always kept).
-TRANSPORTS = tuple(t for t in ALL_TRANSPORTS if t in {"tcp", "mqtt", *os.environ.get(
+REGION_DB, HOSPITAL_DB = "rmiot_bench_transports", "rmiot_bench_transports_hospital"
+ALL_TRANSPORTS = ("tcp", "mqtt", "http", "coap", "grpc_push")
+WITH_LOGINS = ("mqtt", "http", "coap")
+# BENCH_TRANSPORTS=tcp,mqtt measures only those (tcp, mqtt and grpc_push are always kept).
+TRANSPORTS = tuple(t for t in ALL_TRANSPORTS if t in {"tcp", "mqtt", "grpc_push", *os.environ.get(
     "BENCH_TRANSPORTS", ",".join(ALL_TRANSPORTS)).split(",")})
-ACK_LEN = len(encode_ack(1, 1, 1, 0, ACK_OK))
-STATUS_AT = ACK_LEN - 4 - 1  # the low byte of an ack's int32 status
-VITALS = (72.0, 98.0, 16.0, 36.7, 120.0, 80.0, 93.3, 71.0)
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def acked_ok(data: bytes) -> tuple[int, int]:
-    """(OK acks, all acks) in a run of ACK frames, by slicing: the status's
-    low byte is at a fixed offset of each (statuses are 0..9)."""
-    whole = len(data) - len(data) % ACK_LEN
-    return data[STATUS_AT:whole:ACK_LEN].count(0), whole // ACK_LEN
+GOALS = {"grpc_push_over_tcp": 0.8, "mqtt_over_tcp": 0.5, "uplink_catchup_over_live": 3.0}
 
 
 # -- set-up ------------------------------------------------------------------------
 
-def register(dsn: str) -> tuple[int, dict[str, list[tuple[int, str, str]]]]:
-    """A hospital with DEVICES devices per transport, each with a login."""
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    region: int
+    hospital: int
+    logins: dict[str, list[tuple[int, str, str]]]  # per path: (device, user, password)
+    live: list[int]                                  # the hospital's live load
+
+
+def register(dsn: str) -> Fleet:
+    """A hospital with DEVICES devices per path (a login each where the
+    transport carries one) and LIVE_DEVICES for the hospital's live load."""
     per: dict[str, list[tuple[int, str, str]]] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
         region = tenants_store.create_tenant(conn, "bench-region", "Bench region", "region")
@@ -112,8 +126,11 @@ def register(dsn: str) -> tuple[int, dict[str, list[tuple[int, str, str]]]]:
         for transport in TRANSPORTS:
             devices = [store.register_device(conn, hospital, serial_no=f"{transport}-{i}")
                        for i in range(DEVICES)]
-            per[transport] = [(d, *creds.issue(conn, d)) for d in devices]
-    return hospital, per
+            per[transport] = [(d, *creds.issue(conn, d)) if transport in WITH_LOGINS
+                              else (d, "", "") for d in devices]
+        live = [store.register_device(conn, hospital, serial_no=f"live-{i}")
+                for i in range(LIVE_DEVICES)]
+    return Fleet(region, hospital, per, live)
 
 
 def broker_logins(cfg: Config, dsn: str) -> bool:
@@ -127,24 +144,10 @@ def broker_logins(cfg: Config, dsn: str) -> bool:
 
 
 def start_servers(env: dict[str, str]) -> list[subprocess.Popen[str]]:
-    servers = [subprocess.Popen([sys.executable, "-m", "rmiot.ingest.worker"], env=env,
-                                stdout=subprocess.PIPE, text=True) for _ in range(SERVERS)]
-    for server in servers:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"ingest server did not start: {line!r}")
+    servers = [federation.spawn("rmiot.ingest.push_worker", env, "MTLS ")
+               for _ in range(SERVERS)]
     time.sleep(1.0)  # MQTT subscriptions are made in the background
     return servers
-
-
-def stop_servers(servers: list[subprocess.Popen[str]]) -> None:
-    for server in servers:
-        server.terminate()
-    for server in servers:
-        server.wait(30)
-        if server.stdout:
-            server.stdout.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +164,11 @@ class Run:
         return self.points / self.seconds
 
 
-def cpu_s(pid: int) -> float:
-    """user+sys CPU seconds of a process (0 if it is gone or not ours to read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_load(transport: str, env: dict[str, str], args: list[str]) -> dict[str, Any]:
     if transport == "tcp":
         cmd = [sys.executable, str(HERE / "loadgen.py"), *args]
+    elif transport == "grpc_push":
+        cmd = [sys.executable, str(HERE / "federation.py"), "push", *args]
     else:
         cmd = [sys.executable, __file__, "--load", transport, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -187,46 +183,66 @@ def main() -> None:
     if IMPL != "c":
         raise SystemExit("bench-transports measures the compiled decoder: build it (make) "
                          "and unset RMIOT_PURE")
-    cfg, dsn, started_db = fresh_database("rmiot_bench_transports")
+    cfg, dsn, started_db = fresh_database(REGION_DB)
+    _, hospital_dsn, _ = fresh_database(HOSPITAL_DB)
     cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(
         cfg.mqtt, enabled=True, topic_root=TOPIC_ROOT, share_group=TOPIC_ROOT))
-    tenant, devices = register(dsn)
+    fleet = register(dsn)
+    federation.mirror(hospital_dsn, fleet.region, fleet.hospital, fleet.live)
+    cert = federation.platform_cert(cfg, dsn, fleet.hospital)
     started_broker = broker_logins(cfg, dsn)
-    ports = {"tcp": free_port(), "http": free_port(), "coap": free_port(socket.SOCK_DGRAM)}
+    ports = {"tcp": free_port(), "http": free_port(), "coap": free_port(socket.SOCK_DGRAM),
+             "grpc_push": free_port()}
     keys = tempfile.mkdtemp(prefix="rmiot-bench-keys-")
     logins = Path(keys) / "logins.json"
-    logins.write_text(json.dumps(devices))
-    env = {
+    logins.write_text(json.dumps(fleet.logins))
+    base_env = {
         **os.environ,
-        "RMIOT_DATABASE_NAME": "rmiot_bench_transports",
         "RMIOT_SECURITY_KEYRING_DIR": keys,
         "RMIOT_LOG_LEVEL": "warning",
-        "RMIOT_INGEST_TCP_PORT": str(ports["tcp"]),
         "RMIOT_INGEST_DEVICE_RATE_PER_S": "1000000",
+        "RMIOT_INGEST_TENANT_POINTS_PER_S": "100000000",
+        "RMIOT_SECURITY_CALLER_RATE_PER_S": "100000",
+        "RMIOT_SECURITY_TENANT_RATE_PER_S": "100000",
+    }
+    env = {
+        **base_env,
+        "RMIOT_DATABASE_NAME": REGION_DB,
+        "RMIOT_INGEST_TCP_PORT": str(ports["tcp"]),
+        "RMIOT_GRPC_PORT": str(free_port()), "RMIOT_GRPC_MTLS_PORT": str(ports["grpc_push"]),
         "RMIOT_MQTT_ENABLED": "true", "RMIOT_MQTT_TOPIC_ROOT": TOPIC_ROOT,
         "RMIOT_MQTT_SHARE_GROUP": TOPIC_ROOT,
         "RMIOT_HTTP_ENABLED": "true", "RMIOT_HTTP_PORT": str(ports["http"]),
         "RMIOT_COAP_ENABLED": "true", "RMIOT_COAP_PORT": str(ports["coap"]),
+        "BENCH_CA": str(cfg.tls_path("ca_file")), "BENCH_CERT": str(cert),
     }
     result: dict[str, Any] = {"servers": SERVERS, "devices_per_transport": DEVICES,
                               "seconds_per_transport": SECONDS, "fields_per_frame": FIELDS,
                               "window_frames": WINDOW,
                               "mqtt_frames_per_message": MQTT_FRAMES,
                               "http_frames_per_request": HTTP_FRAMES,
-                              "coap_frames_per_request": COAP_FRAMES}
+                              "coap_frames_per_request": COAP_FRAMES,
+                              "grpc_push_frames_per_request": federation.PUSH_FRAMES,
+                              "grpc_push_streams": federation.PUSH_STREAMS}
     servers = start_servers(env)
     try:
-        say(f"{SERVERS} ingest processes; {DEVICES} devices per transport, {SECONDS} s each, "
+        say(f"{SERVERS} ingest processes; {DEVICES} devices per path, {SECONDS} s each, "
             f"{FIELDS}-field frames with ACK_REQ")
         runs: dict[str, list[Run]] = {t: [] for t in TRANSPORTS}
         for round_no in range(ROUNDS):
+            say(f"round {round_no + 1}/{ROUNDS}")
             for transport in TRANSPORTS:
-                say(f"round {round_no + 1}/{ROUNDS}")
-                runs[transport].append(measure(transport, cfg, env, servers, ports, tenant,
-                                               devices, logins))
+                runs[transport].append(measure(transport, cfg, env, servers, ports, fleet,
+                                               logins))
+        say(f"uplink: live load {federation.LIVE_FPS} frames/s into the hospital, link cut "
+            f"for {federation.OUTAGE_S} s")
+        result.update(federation.catchup(base_env, ports["grpc_push"], free_port(),
+                                         fleet.hospital, fleet.live, cert, HOSPITAL_DB,
+                                         hospital_dsn, dsn, FIELDS))
     finally:
-        stop_servers(servers)
+        federation.stop(servers)
         shutil.rmtree(keys, ignore_errors=True)
+        federation.remove_cert(cfg)
         broker_auth.remove_realm(cfg)
         if started_broker:
             broker.Broker(cfg).stop()
@@ -240,29 +256,37 @@ def main() -> None:
         result[f"{transport}_server_cpu_s_per_mpoints"] = sum(r.server_cpu for r in done) * per_m
         if transport == "mqtt":
             result["mqtt_broker_cpu_s_per_mpoints"] = sum(r.broker_cpu for r in done) * per_m
-    # Each round's MQTT over the TCP run just before it (the machine's load
-    # drifts; neighbours in time compare best), then the median of the rounds.
-    result["mqtt_over_tcp"] = statistics.median(
-        m.rate / t.rate if t.rate else 0.0 for t, m in zip(runs["tcp"], runs["mqtt"], strict=True))
+    # Each round's figure over the TCP run of the same round (the machine's
+    # load drifts; neighbours in time compare best), then the median of the rounds.
+    for transport in ("mqtt", "grpc_push"):
+        result[f"{transport}_over_tcp"] = statistics.median(
+            m.rate / t.rate if t.rate else 0.0
+            for t, m in zip(runs["tcp"], runs[transport], strict=True))
+    say("goals: " + ", ".join(f"{k} {result[k]:.2f} (>= {v})" for k, v in GOALS.items()))
+    result["goals_met"] = all(result[k] >= v for k, v in GOALS.items())
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                       for k, v in result.items()}), flush=True)
 
 
 def measure(transport: str, cfg: Config, env: dict[str, str],
-            servers: list[subprocess.Popen[str]], ports: dict[str, int], tenant: int,
-            devices: dict[str, list[tuple[int, str, str]]],
+            servers: list[subprocess.Popen[str]], ports: dict[str, int], fleet: Fleet,
             logins: Path) -> Run:
-    """One load run of one transport."""
-    first = devices[transport][0][0]
+    """One load run of one path."""
+    first = fleet.logins[transport][0][0]
     if transport == "tcp":
-        args = ["--port", str(ports["tcp"]), "--tenant", str(tenant),
+        args = ["--port", str(ports["tcp"]), "--tenant", str(fleet.hospital),
                 "--first-device", str(first), "--devices", str(DEVICES),
                 "--seconds", str(SECONDS), "--fields", str(FIELDS),
                 "--frames-per-device", str(max(1000, 3_000_000 // DEVICES)),
                 "--window", str(WINDOW)]
+    elif transport == "grpc_push":
+        args = ["--port", str(ports["grpc_push"]), "--tenant", str(fleet.hospital),
+                "--first-device", str(first), "--devices", str(DEVICES),
+                "--seconds", str(SECONDS), "--fields", str(FIELDS),
+                "--cert", env["BENCH_CERT"], "--ca", env["BENCH_CA"]]
     else:
         args = ["--port", str(ports.get(transport, broker.endpoint(cfg)[1])),
-                "--tenant", str(tenant), "--logins", str(logins)]
+                "--tenant", str(fleet.hospital), "--logins", str(logins)]
     broker_pid = broker.Broker(cfg).pid() or 0
     cpu0 = sum(cpu_s(s.pid) for s in servers), cpu_s(broker_pid)
     load = run_load(transport, env, args)
@@ -278,10 +302,9 @@ class Device:
     """One device's frames, sent in chunks, with a window of unacked frames."""
 
     def __init__(self, tenant: int, device: int, chunk: int, start_us: int) -> None:
-        values = [(m + 1, 1, VITALS[m % len(VITALS)]) for m in range(FIELDS)]
         count = max(2000, 2_000_000 // DEVICES)
-        frames = [encode_frame(1, tenant, device, seq, start_us + seq * 1000, values,
-                               flags=FLAG_ACK_REQ) for seq in range(count)]
+        frames = [telemetry_frame(tenant, device, seq, start_us + seq * 1000, FIELDS)
+                  for seq in range(count)]
         self.chunks = [b"".join(frames[i:i + chunk]) for i in range(0, count, chunk)]
         self.chunk = chunk
         self.next = 0

@@ -7,14 +7,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import psycopg
+import pytest
 
 from rmiot.config import Config
 from rmiot.ingest import city, simulator
 from rmiot.ingest.service import IngestService
 from rmiot.security.sm4 import Keyring
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 
 
 async def test_a_small_city_reports_and_is_acknowledged(base_cfg: Config, database: str,
@@ -56,3 +62,35 @@ async def test_a_small_city_reports_and_is_acknowledged(base_cfg: Config, databa
             (ids,)).fetchone()
     assert set(kinds) == {1, 3}  # telemetry and RFID locations
     assert reporting is not None and reporting[0] >= len(ids) * 0.9  # (60 s kinds at 30x: 2 s)
+
+
+@pytest.mark.slow
+def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple[str, int],
+                                                      dev_certs: Config) -> None:
+    """``rmiot run --simulate small`` (what ``make run`` starts): the platform
+    comes up, the city reports with live rates, Ctrl-C stops both cleanly."""
+    env = {**os.environ, "RMIOT_DATABASE_NAME": dev_certs.database.name,
+           "RMIOT_GRPC_PORT": str(free_port()), "RMIOT_GRPC_MTLS_PORT": str(free_port()),
+           "RMIOT_INGEST_TCP_PORT": str(free_port()), "RMIOT_INGEST_PROCESSES": "1",
+           "RMIOT_LOG_FORMAT": "json", "RMIOT_LOG_LEVEL": "warning"}
+    with subprocess.Popen([sys.executable, "-m", "rmiot.cli", "run", "--simulate", "small"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines: list[str] = []
+        try:
+            for line in proc.stdout:  # a progress line comes every 10 s off a terminal
+                lines.append(line)
+                if line.startswith("[") and "frames/s" in line:
+                    break
+        finally:
+            proc.send_signal(signal.SIGINT)
+            rest, stderr = proc.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out + stderr
+    assert "Traceback" not in stderr
+    assert "simulating 3 hospitals, 195 devices" in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("3 hospitals, 195 devices"), out
+    sent = int(re.search(r"sent ([\d,]+)", summary)[1].replace(",", ""))  # type: ignore[index]
+    assert sent > 300 and "refused 0" in summary and "unacked 0" in summary, summary

@@ -32,6 +32,11 @@ when set): the first accepted frame of a device in each ``accept`` call tells
 it the device is on that sink (it remembers, so this is a set lookup);
 ``input_ended`` (EOF) and ``unregister`` tell it the sink is gone; committed
 COMMAND_RESULT frames go to it after their acks (stored like any other frame).
+
+Alarm rules (``alarms``, an ``ingest.alarm_engine.Engine``, when set): drop and
+downsample rules decide in ``accept`` whether a frame is stored (one filtered
+out is acked OK at once: it was handled as configured); the newly stored frames
+of each committed batch are evaluated after their acks went out.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from rmiot.core_ext import (
     Frame,
     encode_ack,
 )
+from rmiot.ingest.alarm_engine import Engine
 from rmiot.ingest.writer import Batch, BatchWriter, Key, Outcome, frame_key
 from rmiot.registry.commands import CommandDispatcher
 from rmiot.registry.view import DeviceView
@@ -123,6 +129,7 @@ class Pipeline:
         # keeps being refused; the platform audits it.
         self.on_abuse: Callable[[str, int], None] | None = None
         self.dispatcher: CommandDispatcher | None = None
+        self.alarms: Engine | None = None
 
     # -- sinks ---------------------------------------------------------------
 
@@ -158,6 +165,7 @@ class Pipeline:
         budget: dict[int, int] = {}
         tenant_budget: dict[int, int] = {}
         groups = _ReadGroups(events)
+        alarms = self.alarms if self.alarms is not None and self.alarms.filtering else None
         for ev in events:
             if type(ev) is not Frame:
                 stats[ev.code] += 1
@@ -192,6 +200,11 @@ class Pipeline:
                     else:
                         waiting.append((sink, ev))
                     stats["DUPLICATE"] += 1
+                    continue
+                if alarms is not None and not alarms.admit(ev):
+                    stats["FILTERED"] += 1
+                    if ev.ack_req:
+                        nacks += encode_ack(ev.tenant, ev.device, ev.seq, now_us, ACK_OK)
                     continue
                 inflight[key] = None
                 batch.add(ev, sink)
@@ -296,6 +309,10 @@ class Pipeline:
             sink.send(bytes(data))
         if results and self.dispatcher is not None:
             self.dispatcher.results(results)
+        if self.alarms is not None:
+            self.alarms.committed(batch.frames if not duplicates and not rejected else
+                                  [f for f in batch.frames if frame_key(f) not in duplicates
+                                   and frame_key(f) not in rejected])
         self.pending_rows -= len(batch)
         if self.paused and self.pending_rows <= self.high_water // 2:
             self.paused = False

@@ -1,7 +1,9 @@
 """The ingest service of one platform process: the registry's device view, the
 pipeline with its batch writers, the transport adapters (TCP; MQTT, CoAP and
-HTTP when enabled: ``ingest.device_transports``), and the command dispatcher
-that sends devices their commands over those connections.
+HTTP when enabled: ``ingest.device_transports``), the command dispatcher
+that sends devices their commands over those connections, and the alarm rule
+engine with its writer (``ingest.alarm_engine``, ``ingest.alarm_writer``),
+whose system steps go to the audit chain.
 
 Stopping is orderly so that nothing acknowledged is lost and as little as
 possible is left for devices to retransmit: stop accepting, stop reading,
@@ -15,12 +17,15 @@ import logging
 
 from rmiot import db
 from rmiot.config import Config
+from rmiot.ingest.alarm_engine import Engine, RuleBook
+from rmiot.ingest.alarm_writer import AlarmWriter, OpenAlarms
 from rmiot.ingest.device_transports import DeviceTransports
 from rmiot.ingest.outbox import Outbox
 from rmiot.ingest.pipeline import Pipeline
 from rmiot.ingest.tcp import TcpAdapter
 from rmiot.registry.commands import CommandDispatcher
 from rmiot.registry.view import DeviceView
+from rmiot.security.audit import AuditLog
 from rmiot.security.sm4 import Keyring
 
 log = logging.getLogger("rmiot.ingest")
@@ -36,6 +41,12 @@ class IngestService:
             self.pipeline.writer.outbox = Outbox(cfg.uplink)
         self.commands = CommandDispatcher(dsn)
         self.pipeline.dispatcher = self.commands
+        self.audit = AuditLog(dsn)
+        self.open_alarms = OpenAlarms(dsn)
+        self.rules = RuleBook(dsn)
+        self.alarms = Engine(self.rules, self.open_alarms.is_open)
+        self.alarm_writer = AlarmWriter(dsn, self.alarms, self.audit)
+        self.pipeline.alarms = self.alarms
         self.tcp = TcpAdapter(cfg.ingest, self.pipeline)
         # MQTT, CoAP, HTTP: each when enabled in its config section.
         self.transports = DeviceTransports(cfg, self.pipeline)
@@ -45,6 +56,10 @@ class IngestService:
         """Start everything; returns the TCP port bound."""
         await self.view.start()
         await self.commands.start()
+        await self.audit.start()
+        await self.open_alarms.start()
+        await self.rules.start()
+        await self.alarm_writer.start()
         await self.pipeline.writer.start()
         port = await self.tcp.start()
         self.ports = await self.transports.start()
@@ -63,5 +78,9 @@ class IngestService:
         await self.tcp.close_all()
         await self.transports.stop()
         await self.pipeline.writer.stop()
+        await self.alarm_writer.stop()
+        await self.rules.stop()
+        await self.open_alarms.stop()
+        await self.audit.stop()
         await self.commands.stop()
         await self.view.stop()

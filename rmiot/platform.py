@@ -22,7 +22,7 @@ from rmiot.config import Config
 from rmiot.deploy import broker, certs, cluster, migrate, replica
 from rmiot.deploy.broker_auth import BrokerAuthSync
 from rmiot.grpc_server import GrpcServer, Service
-from rmiot.ingest import push
+from rmiot.ingest import alarm_service, push
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
@@ -94,20 +94,25 @@ class Api:
         security.add_rules(registry_service.RULES)
         self.query = QueryService(security.cfg, security.authorizer)
         security.add_rules(query_service.RULES)
+        security.add_rules(alarm_service.RULES)
+        self.alarms = alarm_service.AlarmServices(
+            security.dsn, security.pool, security.authorizer, security.keyring, security.audit)
 
     async def start(self) -> None:
         await self.registry.start()
         await self.query.start()
+        await self.alarms.start()
 
     def services(self) -> list[Service]:
         assert self.security.pool is not None
         out = [*self.security.services(), command_service.service(self.security.pool),
-               self.registry.service(), *self.query.services()]
+               self.registry.service(), *self.query.services(), self.alarms.service()]
         if self.ingest is not None:
             out.append(push.service(self.ingest.pipeline, self.security.authorizer))
         return out
 
     async def stop(self) -> None:
+        await self.alarms.stop()
         await self.query.stop()
         await self.registry.stop()
 
@@ -153,7 +158,7 @@ class Platform:
             Endpoint("rmf tcp", f"tcp://{self.cfg.ingest.tcp_host}:{tcp_port}",
                      f"{1 + extra} ingest processes, {len(self.ingest.view.devices)} devices"),
             Endpoint("grpc api", f"{scheme}://{self.cfg.grpc.host}:{port}",
-                     "Auth, Policy, Audit, Registry, Command, Query, Ingest push; "
+                     "Auth, Policy, Audit, Registry, Command, Query, Alarm, Ingest push; "
                      "health, reflection"),
             Endpoint("grpc mtls", f"grpcs://{self.cfg.grpc.host}:{self.grpc.mtls_port}",
                      "hospital platforms and vendors (client certificate)"),

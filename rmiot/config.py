@@ -19,6 +19,7 @@ import dataclasses
 import os
 import tomllib
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,63 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class Hl7Config:
+    """HL7 v2 inbound over MLLP (rmiot.ingest.hl7)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 2575
+    tls: bool = False
+    timezone: str = "Asia/Shanghai"
+    answer_timeout_s: float = 20.0
+    max_message_bytes: int = 1048576
+    max_in_flight: int = 256
+
+    def check(self) -> None:
+        _port("hl7.port", self.port)
+        _at_least("hl7.answer_timeout_s", self.answer_timeout_s, 0.1)
+        _at_least("hl7.max_message_bytes", self.max_message_bytes, 1024)
+        _at_least("hl7.max_in_flight", self.max_in_flight, 1)
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"hl7.timezone must be an IANA time zone, got "
+                              f"{self.timezone!r}") from None
+
+
+@dataclass(frozen=True)
+class FhirConfig:
+    """The FHIR R4 read API over HTTP (rmiot.query.fhir)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8090
+    tls: bool = False
+    page_max: int = 1000
+
+    def check(self) -> None:
+        _port("fhir.port", self.port)
+        _at_least("fhir.page_max", self.page_max, 1)
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """C-ECHO of imaging equipment (rmiot.ingest.dicom_echo)."""
+
+    enabled: bool = False
+    interval_s: float = 60.0
+    timeout_s: float = 5.0
+    ae_title: str = "RMIOT"
+
+    def check(self) -> None:
+        _at_least("dicom.interval_s", self.interval_s, 0.1)
+        _at_least("dicom.timeout_s", self.timeout_s, 0.1)
+        if not 1 <= len(self.ae_title) <= 16 or not self.ae_title.isascii():
+            raise ConfigError(f"dicom.ae_title must be 1-16 ASCII characters, "
+                              f"got {self.ae_title!r}")
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     keyring_dir: str = ""
     password_max_age_days: int = 90
@@ -319,6 +377,9 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     coap: CoapConfig = field(default_factory=CoapConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    fhir: FhirConfig = field(default_factory=FhirConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     query: QueryConfig = field(default_factory=QueryConfig)

@@ -205,20 +205,7 @@ class SecurityInterceptor(ServerInterceptor):
     def _cert_caller(self, pem: bytes) -> Caller:
         cached = self._certs.get(pem)
         if cached is None:
-            cert = x509.load_pem_x509_certificate(pem)
-            value = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-            name = value.decode() if isinstance(value, bytes) else value
-            units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-            kind = str(units[0].value) if units else "platform"
-            tenant = None
-            try:
-                sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                for uri in sans.value.get_values_for_type(x509.UniformResourceIdentifier):
-                    if uri.startswith(TENANT_URI):
-                        tenant = int(uri[len(TENANT_URI):])
-            except x509.ExtensionNotFound:
-                pass
-            cached = self._certs[pem] = Caller(f"cert:{name}", tenant, kind)
+            cached = self._certs[pem] = certificate_caller(x509.load_pem_x509_certificate(pem))
         return cached
 
     def _limit(self, caller: Caller, context: Context) -> None:
@@ -296,6 +283,25 @@ class SecurityInterceptor(ServerInterceptor):
             role=",".join(call.caller.roles), tenant_id=call.tenant, method=method, object=obj,
             outcome=call.outcome, source=context.peer(), request_id=request_id,
             detail=call.detail, patient=None))
+
+
+def certificate_caller(cert: x509.Certificate) -> Caller:
+    """The caller a verified client certificate of the platform's CA names:
+    ``cert:<common name>``, its kind (OU), and the tenant of its
+    ``urn:rmiot:tenant:<id>`` name. Also for the non-gRPC listeners (MLLP)."""
+    value = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    name = value.decode() if isinstance(value, bytes) else value
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    kind = str(units[0].value) if units else "platform"
+    tenant = None
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        for uri in sans.value.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith(TENANT_URI):
+                tenant = int(uri[len(TENANT_URI):])
+    except x509.ExtensionNotFound:
+        pass
+    return Caller(f"cert:{name}", tenant, kind)
 
 
 def _host(peer: str) -> str:

@@ -7,6 +7,9 @@ the configured checkpoint file (``security.audit_checkpoints``) when it exists; 
 checkpoints at all a rewritten chain or a tail deleted together with the head
 row cannot be seen, and it says so on stderr.
 
+``rmiot audit patient ID|PSEUDONYM`` lists who read or changed a patient's
+data (``rmiot.security.patient_access``).
+
 ``rmiot audit checkpoint`` appends the current head to the checkpoint file;
 ``rmiot audit retain --days N`` (N >= 180) drops older records as the
 administrator (see ``rmiot.security.audit``).
@@ -32,6 +35,7 @@ from rmiot import db
 from rmiot.config import Config, ConfigError, load
 from rmiot.security import audit_checkpoints, audit_verify
 from rmiot.security.audit import MIN_RETENTION_DAYS
+from rmiot.security.patient_access import patient_access
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,6 +64,12 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
                        "needs the administrator's DSN")
     retain.add_argument("--days", type=int, required=True)
     retain.add_argument("--checkpoints", metavar="PATH", type=Path, help=where)
+    patient = actions.add_parser(
+        "patient", help="who looked at this patient's records (reads and changes of their "
+                        "data, newest first)")
+    patient.add_argument("patient", metavar="ID|PSEUDONYM",
+                         help="a patient's id (any hospital's record) or pseudonym")
+    patient.add_argument("--limit", type=int, default=1000)
 
 
 def _handler(args: argparse.Namespace, cfg: Config) -> int:
@@ -72,6 +82,11 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     path: Path = args.checkpoints or default
     if args.action == "verify":
         return _verify(cfg, args.checkpoints or (default if default.exists() else None))
+    if args.action == "patient":
+        for e in patient_access(db.app_dsn(cfg), args.patient, args.limit):
+            print(f"{e.ts.isoformat(timespec='seconds')}  {e.actor}  {e.role or '-'}  "
+                  f"{e.method}  {e.object or '-'}  {e.outcome}  {e.source or '-'}")
+        return EXIT_OK
     if args.action == "checkpoint":
         cp = audit_checkpoints.export_checkpoint(db.app_dsn(cfg), path)
         print(f"checkpoint: record {cp.id}, head {cp.hash.hex()} -> {path}")

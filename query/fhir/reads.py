@@ -6,8 +6,9 @@ Row-level rules are the query layer's (``query.access``), per resource type:
 - Observation: ``telemetry:read`` — a device whose home the caller sees
   (every frame), or, for clinicians, the periods a patient was bound to it by
   a binding made in their subtree;
-- Patient: ``patient:read`` — registered in the caller's subtree, or (for
-  clinicians) bound to a device by a binding in their subtree; shown in full
+- Patient: ``patient:read`` — registered in the caller's subtree, or bound
+  to a device by a binding made in it (a ward treats its hospital's
+  patients; a clinician only those); shown in full
   with ``patient_identity:read`` on the patient's tenant, masked otherwise;
   commission roles (``aggregate:read``) get the pseudonym only;
 - DocumentReference (shared results): a result is read by whoever may read a
@@ -117,17 +118,16 @@ class Reader:
             raise NotFound(f"Patient/{patient_id}")
         scope = self.scope(subject, "patient")
         how = ""
-        if scope.sees(row.tenant_id) or (scope.bound and any(
-                p.tenant_id in scope.bound
-                for p in await store.bindings_of_patient(conn, patient_id))):
+        wards = {p.tenant_id for p in await store.bindings_of_patient(conn, patient_id)}
+        if scope.sees(row.tenant_id) or any(scope.reaches(t) for t in wards):
             how = "seen"
         elif self.scope(subject, "aggregate").reaches(row.tenant_id):
             how = "pseudonymised"
         if not how:
             raise NotFound(f"Patient/{patient_id}")
-        if how == "seen":
-            how = "full" if self.authorizer.allowed(subject, row.tenant_id, "patient_identity",
-                                                    "read") else "masked"
+        if how == "seen":  # in full for the patient's hospital's or ward's clinicians
+            how = "full" if any(self.authorizer.allowed(subject, t, "patient_identity", "read")
+                                for t in (row.tenant_id, *wards)) else "masked"
         return row, how
 
     async def patient(self, conn: Conn, subject: str, patient_id: int) -> Read:
@@ -257,7 +257,7 @@ class Reader:
         row, how = await self.patient_row(conn, subject, patient_id)
         writes = self.scope(subject, "patient", "write")
         if how == "pseudonymised" or not (writes.sees(row.tenant_id) or any(
-                p.tenant_id in writes.bound
+                writes.reaches(p.tenant_id)
                 for p in await store.bindings_of_patient(conn, patient_id))):
             raise NotFound(f"Patient/{patient_id}")
         if device_id:

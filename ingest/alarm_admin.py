@@ -19,15 +19,12 @@ from psycopg.types.json import Jsonb
 
 from rmiot.ingest.alarm_rules import RULE_COLUMNS, Rule, RuleError, check_rule, rule_from_row
 from rmiot.ingest.alarm_store import IN_SUBTREE, AlarmNotFound
+from rmiot.security.sealed import alarm_channel_aad as channel_secret_aad
 from rmiot.security.sm4 import Keyring
 
 AsyncConn = psycopg.AsyncConnection[Any]
 EVENT_KINDS = ("raised", "acknowledged", "cleared", "normal", "escalated", "renotified",
                "comment", "read")
-
-
-def channel_secret_aad(channel_id: int) -> bytes:
-    return b"rmiot-alarm-channel:" + str(channel_id).encode()
 
 
 @dataclass(frozen=True, slots=True)

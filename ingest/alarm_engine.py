@@ -30,6 +30,7 @@ process that never saw an alarm raised end it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from rmiot.core_ext import Frame
 from rmiot.db import ChangeFollower
 from rmiot.ingest.alarm_eval import (
     EVALUATORS,
+    NORMAL,
     EnergyEval,
     Evaluator,
     FilterEval,
     OfflineEval,
+    ThresholdEval,
     Transition,
 )
 from rmiot.ingest.alarm_rules import RULE_COLUMNS, Rule, resolve, rule_from_row
@@ -173,16 +176,43 @@ class RuleBook(ChangeFollower):
             self.profiles[device] = Profile(home, tuple(path), model, patient, bool(active))
 
 
+class Bounds:
+    """A metric's threshold evaluators with the open interval (lo, hi) of
+    values that change none of them while all are NORMAL (``calm``): such a
+    sample costs two comparisons, whatever the number of rules."""
+
+    __slots__ = ("calm", "evs", "hi", "lo")
+
+    def __init__(self) -> None:
+        self.evs: list[ThresholdEval] = []
+        self.lo, self.hi = -math.inf, math.inf
+        self.calm = False
+
+    def add(self, ev: ThresholdEval) -> None:
+        self.evs.append(ev)
+        if ev.op in ("<", "<="):  # safe: above the limit (or at it, for "<")
+            self.lo = max(self.lo, math.nextafter(ev.limit, -math.inf) if ev.op == "<"
+                          else ev.limit)
+        else:
+            self.hi = min(self.hi, math.nextafter(ev.limit, math.inf) if ev.op == ">"
+                          else ev.limit)
+        self.settle()
+
+    def settle(self) -> None:
+        self.calm = all(ev.state == NORMAL for ev in self.evs)
+
+
 class DevicePlan:
     """One device's evaluators: by metric, the offline watch, the filters."""
 
-    __slots__ = ("by_metric", "empty", "energy", "filters", "offline", "patient", "stored_filters",
-                 "tenant")
+    __slots__ = ("bounded", "by_metric", "empty", "energy", "filters", "offline", "patient",
+                 "stored_filters", "tenant")
 
     def __init__(self, tenant: int, patient: int | None) -> None:
         self.tenant = tenant
         self.patient = patient
-        self.by_metric: dict[int, list[Evaluator]] = {}
+        self.by_metric: dict[int, list[Evaluator]] = {}  # fed every sample
+        self.bounded: dict[int, Bounds] = {}              # thresholds
         self.offline: OfflineEval | None = None
         self.filters: list[FilterEval] = []         # drop / downsample: before storing
         self.stored_filters: list[FilterEval] = []  # tag / command: after commit
@@ -193,6 +223,8 @@ class DevicePlan:
         seen: set[int] = set()
         groups: list[list[Evaluator]] = [*self.by_metric.values(), [*self.filters],
                                          [*self.stored_filters]]
+        for bounds in self.bounded.values():
+            groups.append([*bounds.evs])
         if self.offline is not None:
             groups.append([self.offline])
         for group in groups:
@@ -282,6 +314,8 @@ class Engine:
             elif isinstance(ev, FilterEval):
                 (plan.filters if ev.action in ("drop", "downsample")
                  else plan.stored_filters).append(ev)
+            elif isinstance(ev, ThresholdEval):
+                plan.bounded.setdefault(ev.metrics[0], Bounds()).add(ev)
             else:
                 if isinstance(ev, EnergyEval):
                     plan.energy.append(ev)
@@ -328,9 +362,16 @@ class Engine:
                 if not now:
                     now = self.clock()
                 plan.offline.seen(now, frame.ts_us)
-            if plan.by_metric:
+            if plan.bounded or plan.by_metric:
                 numeric = frame.numeric()
                 ts = frame.ts_us
+                for metric, bounds in plan.bounded.items():
+                    value = numeric.get(metric)
+                    if value is None or (bounds.calm and bounds.lo < value < bounds.hi):
+                        continue
+                    for threshold in bounds.evs:
+                        threshold.feed(ts, metric, value)
+                    bounds.settle()
                 for metric, evs in plan.by_metric.items():
                     value = numeric.get(metric)
                     if value is not None:

@@ -37,8 +37,8 @@ import orjson
 import psycopg
 
 from rmiot.ingest import alarm_store
-from rmiot.ingest.alarm_admin import channel_secret_aad
 from rmiot.ingest.alarm_store import Event
+from rmiot.security.sealed import alarm_channel_aad as channel_secret_aad
 from rmiot.security.sm4 import Keyring
 
 log = logging.getLogger("rmiot.ingest.alarms")

@@ -7,6 +7,7 @@ opening and key rotation agree.
 | device_keys.key_enc | device id | a device's HMAC key |
 | users.totp_secret_enc | user id | a TOTP secret |
 | patients.identity_enc | patient id | name, ID card number, phone, contacts |
+| alarm_channels.secret_enc | channel id | a webhook's HMAC key |
 
 ``reseal_all`` re-seals every value under the keyring's newest key, after
 ``Keyring.rotate()``; a key-encryption key no value needs any more can then be
@@ -36,6 +37,10 @@ def patient_aad(patient_id: int) -> bytes:
     return b"rmiot-patient:" + str(patient_id).encode()
 
 
+def alarm_channel_aad(channel_id: int) -> bytes:
+    return b"rmiot-alarm-channel:" + str(channel_id).encode()
+
+
 @dataclass(frozen=True)
 class SealedColumn:
     table: str
@@ -48,6 +53,7 @@ SEALED = (
     SealedColumn("device_keys", ("device_id", "version"), "key_enc", device_key_aad),
     SealedColumn("users", ("id",), "totp_secret_enc", totp_aad),
     SealedColumn("patients", ("id",), "identity_enc", patient_aad),
+    SealedColumn("alarm_channels", ("id",), "secret_enc", alarm_channel_aad),
 )
 
 

@@ -92,6 +92,10 @@ bench-transports: setup
 
 bench-federation: bench-transports
 
+# Issue 8's figures: alarm latency (TCP frame -> Watch) and rule cost; last line JSON.
+bench-alarms: setup
+	@$(BIN)/python benches/bench_alarms.py
+
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py
 

@@ -27,6 +27,7 @@ from rmiot.ingest.service import IngestService
 from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
+from rmiot.interop import Interop
 from rmiot.query import service as query_service
 from rmiot.query.jobs import QueryJobs
 from rmiot.query.service import QueryService
@@ -128,6 +129,7 @@ class Platform:
     security: SecurityServices | None = None
     api: Api | None = None
     query_jobs: QueryJobs | None = None
+    interop: Interop | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
@@ -168,6 +170,8 @@ class Platform:
         if self.uplink:
             self.endpoints.append(Endpoint("uplink", self.cfg.uplink.target or "(not set)",
                                            "committed frames forwarded to the region"))
+        self.interop = Interop(self.cfg, self.security, self.ingest)  # HL7, FHIR, DICOM
+        self.endpoints += [Endpoint(*e) for e in await self.interop.start()]
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
 
@@ -176,6 +180,8 @@ class Platform:
             await self.grpc.stop()
         if self.uplink:
             await self.uplink.stop()
+        if self.interop:
+            await self.interop.stop()
         if self.query_jobs:
             await self.query_jobs.stop()
         if self.api:

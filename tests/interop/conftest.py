@@ -30,6 +30,7 @@ from rmiot.config import Config
 from rmiot.ingest.hl7.listener import Hl7Listener
 from rmiot.ingest.hl7.mllp import END, START
 from rmiot.ingest.service import IngestService
+from rmiot.interop import Interop
 from rmiot.query.fhir.api import FhirApi
 from rmiot.registry import store
 from rmiot.security import identity
@@ -144,7 +145,8 @@ def interop_cfg(dev_certs: Config, tmp_path_factory: pytest.TempPathFactory) -> 
                                      audit_checkpoints=str(keys / "checkpoints.jsonl")),
         hl7=dataclasses.replace(cfg.hl7, enabled=True, port=0, answer_timeout_s=5.0),
         fhir=dataclasses.replace(cfg.fhir, enabled=True, port=0),
-        dicom=dataclasses.replace(cfg.dicom, enabled=True, interval_s=0.2, timeout_s=2.0))
+        # The DICOM test runs its own poller (one running here would race it).
+        dicom=dataclasses.replace(cfg.dicom, enabled=False, timeout_s=2.0))
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +170,14 @@ async def platform(region: Region) -> AsyncIterator[Running]:
     await security.start()
     ingest = IngestService(cfg)
     await ingest.start()
-    hl7 = Hl7Listener(cfg, ingest.pipeline, security.authorizer, security.audit,
-                      security.keyring)
-    await hl7.start()
-    fhir = FhirApi(cfg, security)
-    await fhir.start()
+    interop = Interop(cfg, security, ingest)  # as rmiot.platform starts it
+    endpoints = await interop.start()
+    assert [e[0] for e in endpoints] == ["hl7 v2", "fhir r4"]
+    assert interop.hl7 is not None and interop.fhir is not None
     try:
-        yield Running(region, security, ingest, hl7, fhir)
+        yield Running(region, security, ingest, interop.hl7, interop.fhir)
     finally:
-        await fhir.stop()
-        await hl7.stop()
+        await interop.stop()
         await ingest.stop(drain_timeout=5)
         await security.stop()
 

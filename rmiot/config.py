@@ -357,6 +357,44 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class OtelConfig:
+    """OpenTelemetry traces and metrics (rmiot.observability)."""
+
+    exporter: str = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    otlp_insecure: bool = True
+    sample_ratio: float = 1.0
+    metric_interval_s: float = 30.0
+    prometheus: bool = False
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9464
+    service_name: str = "rmiot"
+
+    def check(self) -> None:
+        _one_of("otel.exporter", self.exporter, ("none", "console", "otlp"))
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"configuration key otel.sample_ratio must be between 0 and 1, "
+                              f"got {self.sample_ratio}")
+        _at_least("otel.metric_interval_s", self.metric_interval_s, 0.1)
+        _port("otel.prometheus_port", self.prometheus_port)
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """The web dashboard (rmiot.query.dashboard)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8470
+    tls: bool = False
+    refresh_s: float = 3.0
+
+    def check(self) -> None:
+        _port("dashboard.port", self.port)
+        _at_least("dashboard.refresh_s", self.refresh_s, 0.2)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -384,6 +422,8 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 

@@ -12,7 +12,7 @@ PB2    := $(PROTOS:.proto=_pb2.py)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
-        bench-security bench-registry bench-durability bench-federation bench-transports \
+        bench-security bench-registry bench-durability bench-federation bench-transports bench-query \
         bench-fuzz clean
 
 help:
@@ -67,7 +67,7 @@ pytest: setup
 ## benchmarks -------------------------------------------------------------------
 
 bench: bench-ingest bench-security bench-registry bench-durability bench-transports \
-       bench-fuzz
+       bench-query bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -91,6 +91,10 @@ bench-transports: setup
 	@$(BIN)/python benches/bench_transports.py
 
 bench-federation: bench-transports
+
+# Issue 7's figures: query tiers on a district's dataset (built on first run).
+bench-query: setup
+	@$(BIN)/python benches/bench_query.py
 
 # Issue 8's figures: alarm latency (TCP frame -> Watch) and rule cost; last line JSON.
 bench-alarms: setup

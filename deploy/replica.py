@@ -59,6 +59,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from rmiot import db
 from rmiot.config import Config
 from rmiot.deploy import backup, cluster, localstate, pgnode, topology
 from rmiot.deploy.durability import settings
@@ -234,12 +235,7 @@ def staleness_s(conn: psycopg.Connection[Any]) -> float:
     0 for a primary or a standby streaming with everything received replayed;
     else the age of the last transaction it replayed (for read routing with
     bounded staleness)."""
-    row = conn.execute(
-        "SELECT CASE WHEN NOT pg_is_in_recovery() THEN 0.0 "
-        "WHEN (SELECT status FROM pg_stat_wal_receiver) = 'streaming' "
-        " AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0.0 "
-        "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
-        "'Infinity'::float8) END").fetchone()
+    row = conn.execute(db.STALENESS_SQL).fetchone()
     return float(row[0]) if row else float("inf")
 
 

@@ -46,6 +46,7 @@ from rmiot.proto import query_pb2 as pb
 from rmiot.proto import query_pb2_grpc
 from rmiot.query import aggregates, calendar, fleet, simple, sketch
 from rmiot.query.access import Access, Scope
+from rmiot.query.replica import ReadRoute
 from rmiot.query.tiers import Deadline, DeadlineExceeded, QueryError, QueryOptions, Tier
 from rmiot.security.authz import Authorizer
 from rmiot.security.interceptor import Caller, MethodRule, current_caller
@@ -83,25 +84,29 @@ STATE_TTL_S = 1.0
 HORIZON_MARGIN = dt.timedelta(minutes=10)
 
 
+def _pool(dsn: str, tier: Tier, options: QueryOptions, name: str) -> AsyncConnectionPool:
+    """A pool whose connections carry the tier's statement_timeout. Simple-tier
+    statements are prepared on first use with generic plans: over a hypertable
+    of many chunks, planning costs more than running them. Complex-tier
+    statements are never prepared: their plans depend on the values (a scope or
+    none, a week or a month), and planning is cheap next to running them."""
+    settings = f"-c statement_timeout={int(options.budget(tier) * 1000)}"
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if tier is Tier.SIMPLE:
+        settings += " -c plan_cache_mode=force_generic_plan"
+        kwargs["prepare_threshold"] = 0
+    else:
+        kwargs["prepare_threshold"] = None
+    kwargs["options"] = settings
+    return AsyncConnectionPool(dsn, min_size=1, max_size=options.pool_max, open=False,
+                               name=name, kwargs=kwargs)
+
+
 async def open_pools(dsn: str, options: QueryOptions) -> dict[Tier, AsyncConnectionPool]:
-    """One pool per tier whose connections carry the tier's statement_timeout.
-    Simple-tier statements are prepared on first use with generic plans: over
-    a hypertable of many chunks, planning costs more than running them.
-    Complex-tier statements are never prepared: their plans depend on the
-    values (a scope or none, a week or a month), and planning is cheap next to
-    running them."""
+    """One pool per tier (batch items use their own tier's)."""
     pools: dict[Tier, AsyncConnectionPool] = {}
     for tier in (Tier.SIMPLE, Tier.COMPLEX):
-        settings = f"-c statement_timeout={int(options.budget(tier) * 1000)}"
-        kwargs: dict[str, Any] = {"autocommit": True}
-        if tier is Tier.SIMPLE:
-            settings += " -c plan_cache_mode=force_generic_plan"
-            kwargs["prepare_threshold"] = 0
-        else:
-            kwargs["prepare_threshold"] = None
-        kwargs["options"] = settings
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=options.pool_max, open=False,
-                                   name=f"rmiot-query-{tier.value}", kwargs=kwargs)
+        pool = _pool(dsn, tier, options, f"rmiot-query-{tier.value}")
         try:
             await pool.open(wait=True, timeout=10)
         except Exception as exc:
@@ -113,10 +118,21 @@ async def open_pools(dsn: str, options: QueryOptions) -> dict[Tier, AsyncConnect
     return pools
 
 
+async def open_read_route(dsn: str, options: QueryOptions) -> ReadRoute:
+    """The complex tier's pool on the read DSN (opened in the background: a
+    standby that is down only means reading from the primary)."""
+    pool = _pool(dsn, Tier.COMPLEX, options, "rmiot-query-read")
+    await pool.open(wait=False)
+    route = ReadRoute(pool, options.replica_max_staleness_s)
+    await route.start()
+    return route
+
+
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, pools: dict[Tier, AsyncConnectionPool], authorizer: Authorizer,
-                 options: QueryOptions) -> None:
+                 options: QueryOptions, read_route: ReadRoute | None = None) -> None:
         self.pools = pools
+        self.read_route = read_route  # complex tier on a standby, while fresh enough
         self.authorizer = authorizer
         self.options = options
         # The tree's current snapshot at each call: a bound method would keep
@@ -248,6 +264,11 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                           deadline: Deadline) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of the tier's pool, the body held to the deadline."""
         pool = self.pools[Tier.COMPLEX if tier is Tier.BATCH else tier]
+        route = self.read_route
+        if tier is not Tier.SIMPLE and route is not None and route.usable:
+            pool = route.pool
+        else:
+            route = None
         try:
             async with deadline.held(), pool.connection(
                     timeout=max(deadline.remaining(), 0.001)) as conn:
@@ -256,6 +277,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             # No connection in time, or the tier's statement_timeout fired.
             raise DeadlineExceeded(deadline.tier, deadline.budget) from None
         except psycopg.OperationalError as exc:
+            if route is not None:
+                route.failed()  # the next calls read from the primary
             log.warning("query failed: database unavailable", extra={"error": str(exc).strip()})
             raise QueryError(grpc.StatusCode.UNAVAILABLE,
                              "the database is unavailable; try again") from None
@@ -465,12 +488,17 @@ class QueryService:
         self.dsn = db.app_dsn(cfg)
         self.authorizer = authorizer
         self.options = options or QueryOptions.of(cfg.query)
+        self.read_dsn = db.read_dsn(cfg)
         self.pools: dict[Tier, AsyncConnectionPool] = {}
+        self.read_route: ReadRoute | None = None
         self.servicer: QueryServicer | None = None
 
     async def start(self) -> None:
         self.pools = await open_pools(self.dsn, self.options)
-        self.servicer = QueryServicer(self.pools, self.authorizer, self.options)
+        if self.options.replica_max_staleness_s > 0:
+            self.read_route = await open_read_route(self.read_dsn, self.options)
+        self.servicer = QueryServicer(self.pools, self.authorizer, self.options,
+                                      self.read_route)
 
     def services(self) -> list[Service]:
         assert self.servicer is not None, "start() first"
@@ -478,6 +506,9 @@ class QueryService:
                         self.servicer)]
 
     async def stop(self) -> None:
+        if self.read_route is not None:
+            await self.read_route.stop()
+            self.read_route = None
         for pool in self.pools.values():
             await pool.close()
         self.pools = {}

@@ -49,13 +49,15 @@ class QueryOptions:
     raw_window_max_s: int = 86_400    # the unary Raw call's widest window
     page_max: int = 10_000            # rows per page
     online_within_s: int = 300        # fleet status: seen this recently is online
+    replica_max_staleness_s: float = 0.0  # > 0: complex tier on a standby this fresh
 
     @classmethod
     def of(cls, cfg: QueryConfig) -> QueryOptions:
         return cls(simple_s=cfg.simple_s, complex_s=cfg.complex_s, batch_s=cfg.batch_s,
                    min_group_size=cfg.min_group_size, pool_max=cfg.pool_max,
                    batch_max_items=cfg.batch_max_items, batch_parallel=cfg.batch_parallel,
-                   online_within_s=cfg.online_within_s)
+                   online_within_s=cfg.online_within_s,
+                   replica_max_staleness_s=cfg.replica_max_staleness_s)
 
     def budget(self, tier: Tier) -> float:
         return {Tier.SIMPLE: self.simple_s, Tier.COMPLEX: self.complex_s,

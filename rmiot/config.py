@@ -54,6 +54,7 @@ class DatabaseConfig:
     shared_buffers: str = "2GB"
     replica_port: int = 54330
     replica_sync: bool = True
+    read_dsn: str = ""
 
     def check(self) -> None:
         _port("database.port", self.port)
@@ -329,6 +330,7 @@ class QueryConfig:
     rollup_open_refresh_s: float = 300.0
     rollup_minute_keep_days: int = 2
     retention_period_s: float = 3600.0
+    replica_max_staleness_s: float = 0.0
 
     def check(self) -> None:
         for key in ("simple_s", "complex_s", "batch_s"):
@@ -343,6 +345,7 @@ class QueryConfig:
         _at_least("query.rollup_open_refresh_s", self.rollup_open_refresh_s, 0)
         _at_least("query.rollup_minute_keep_days", self.rollup_minute_keep_days, 1)
         _at_least("query.retention_period_s", self.retention_period_s, 1)
+        _at_least("query.replica_max_staleness_s", self.replica_max_staleness_s, 0)
 
 
 @dataclass(frozen=True)

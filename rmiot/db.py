@@ -58,6 +58,29 @@ def admin_dsn(cfg: Config, dbname: str | None = None) -> str:
                          application_name="rmiot-admin")
 
 
+def read_dsn(cfg: Config, dbname: str | None = None) -> str:
+    """DSN for read-only queries that accept a standby's lag: ``database.read_dsn``
+    with an external server (else the primary's DSN), else every node of the
+    private cluster, a standby first."""
+    db = cfg.database
+    if db.dsn:
+        return with_database(db.read_dsn or db.dsn, dbname)
+    return make_conninfo(**topology.read_endpoints(cfg), dbname=dbname or db.name,
+                         user=APP_ROLE, connect_timeout=int(max(1, db.connect_timeout_s)),
+                         application_name="rmiot-read")
+
+
+# How far behind its primary the server answering may be, in seconds: 0 for a
+# primary, or a standby streaming with everything it received replayed; else
+# the age of the last transaction it replayed (infinity when it has none).
+STALENESS_SQL = (
+    b"SELECT CASE WHEN NOT pg_is_in_recovery() THEN 0.0 "
+    b"WHEN (SELECT status FROM pg_stat_wal_receiver) = 'streaming' "
+    b" AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0.0 "
+    b"ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
+    b"'Infinity'::float8) END, pg_is_in_recovery()")
+
+
 def with_database(dsn: str, dbname: str | None) -> str:
     """The same DSN naming another database (unchanged when dbname is None)."""
     try:

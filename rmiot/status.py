@@ -1,7 +1,8 @@
 """``rmiot status``: is each part of the platform reachable and healthy?
 
 Checks, from the configuration alone (no running process is asked where it is):
-the database (reachable, TimescaleDB extension, schema version), the MQTT
+the database (reachable, TimescaleDB extension, schema version), its standby
+when there is one (answering, lag), the MQTT
 broker (a real MQTT CONNECT), the RMF TCP listener (a TCP connect), and every
 gRPC server (the standard health check over TLS). Exit code 0 when all pass, 3 when any fails.
 """
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rmiot import db
 from rmiot.config import Config
-from rmiot.deploy import broker, cluster, migrate
+from rmiot.deploy import broker, cluster, migrate, topology
 from rmiot.grpc_server import channel
 
 
@@ -99,12 +100,39 @@ async def check_uplink(cfg: Config) -> Check:
     return Check("uplink", ok, detail)
 
 
+def check_replica(cfg: Config) -> Check | None:
+    """The standby, when there is one (private cluster's replica, or
+    ``database.read_dsn``): answering, and how far behind."""
+    if cfg.database.private:
+        standbys = topology.load(cfg).standbys
+        if not standbys:
+            return None
+        mode = "synchronous" if standbys[0].sync else "asynchronous"
+    elif cfg.database.read_dsn:
+        mode = "external"
+    else:
+        return None
+    dsn = db.read_dsn(cfg)
+    try:
+        with db.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(db.STALENESS_SQL).fetchone()
+    except db.DatabaseUnreachable as exc:
+        return Check("replica", False, str(exc))
+    if row is None or not row[1]:
+        return Check("replica", False, f"{db.describe(dsn)}: no standby answers "
+                                       "(reads go to the primary)")
+    lag = float(row[0])
+    return Check("replica", lag < 60, f"{db.describe(dsn)} {mode} standby, "
+                                      f"{lag:.1f} s behind")
+
+
 async def run_checks(cfg: Config) -> list[Check]:
     database = await asyncio.to_thread(check_database, cfg)
+    replica = await asyncio.to_thread(check_replica, cfg)
     checks = [check_broker(cfg), check_tcp(cfg), check_grpc(cfg)]
     if cfg.grpc.tls:
         checks.append(check_grpc(cfg, mtls=True))
     if cfg.platform.role == "hospital":
         checks.append(check_uplink(cfg))
     rest = await asyncio.gather(*checks)
-    return [database, *rest]
+    return [database, *([replica] if replica else []), *rest]

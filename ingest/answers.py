@@ -107,6 +107,7 @@ def commands_json(commands: Sequence[Frame]) -> list[dict[str, object]]:
 
 
 class RequestSession(DeviceSession):
+    kind = "request"  # the transport's name in metrics and traces (set by its intake)
     """A device's session on CoAP or HTTP; see the module's docstring."""
 
     def __init__(self, device: int) -> None:

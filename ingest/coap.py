@@ -172,7 +172,7 @@ class CoapAdapter:
         self.cfg = cfg
         self.pipeline = pipeline
         self.intake = RequestIntake(pipeline, logins, cfg.coap.max_body_bytes,
-                                    cfg.coap.answer_timeout_s)
+                                    cfg.coap.answer_timeout_s, "coap")
         self.site = aiocoap.resource.Site()
         self.site.add_resource(["rmf"], _Upload(self, json_form=False))
         self.site.add_resource(["json"], _Upload(self, json_form=True))

@@ -87,7 +87,7 @@ class HttpAdapter:
         self.cfg = cfg
         self.pipeline = pipeline
         self.intake = RequestIntake(pipeline, logins, cfg.http.max_body_bytes,
-                                    cfg.http.answer_timeout_s)
+                                    cfg.http.answer_timeout_s, "http")
         self.app = web.Application(client_max_size=cfg.http.max_body_bytes)
         self.app.router.add_post("/v1/devices/{device}/frames", self.post_frames)
         self.runner: web.AppRunner | None = None

@@ -55,7 +55,8 @@ class Taken:
 
 class RequestIntake:
     def __init__(self, pipeline: Pipeline, logins: LoginView, max_body_bytes: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, kind: str = "request") -> None:
+        self.kind = kind  # the transport (coap, http) in metrics and traces
         self.pipeline = pipeline
         self.logins = logins
         self.max_body_bytes = max_body_bytes
@@ -105,6 +106,7 @@ class RequestIntake:
             self.pipeline.stats[exc.code] += 1
             raise
         session = self.sessions.get(device)
+        session.kind = self.kind
         answer = Answer(events)
         session.expect(answer)
         if events:

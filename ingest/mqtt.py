@@ -74,6 +74,7 @@ V5 = aiomqtt.ProtocolVersion.V5
 
 
 class MqttDownlink(DeviceSession):
+    kind = "mqtt"  # the transport's name in metrics and traces
     """The sink of one device's messages in one form: publishes what the
     pipeline and the dispatcher send it on the device's down topic."""
 

@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from rmiot import observability
 from rmiot.config import IngestConfig
 from rmiot.core_ext import (
     ACK_AUTH_REQUIRED,
@@ -130,6 +131,9 @@ class Pipeline:
         self.on_abuse: Callable[[str, int], None] | None = None
         self.dispatcher: CommandDispatcher | None = None
         self.alarms: Engine | None = None
+        # Received so far, counted per read when metrics are on (observability).
+        self.points_in: dict[tuple[str, int], int] = {}
+        self.frames_in: dict[str, int] = {}
 
     # -- sinks ---------------------------------------------------------------
 
@@ -150,8 +154,9 @@ class Pipeline:
 
     # -- the hot path ----------------------------------------------------------
 
-    def accept(self, events: list[Any], sink: AckSink) -> None:
-        """Check decoded events; queue good frames; NACK bad ones that asked."""
+    def accept(self, events: list[Any], sink: AckSink, received_ns: int = 0) -> None:
+        """Check decoded events; queue good frames; NACK bad ones that asked.
+        ``received_ns``: when their bytes arrived (for the batch's trace)."""
         now_us = time.time_ns() // 1000
         oldest = now_us - self.cfg.past_window_s * 1_000_000
         newest = now_us + self.cfg.future_window_s * 1_000_000
@@ -214,6 +219,10 @@ class Pipeline:
                 nacks += encode_ack(ev.tenant, ev.device, ev.seq, now_us, status)
         if nacks:
             sink.send(bytes(nacks))
+        if observability.METERING:
+            self._count(events, sink, groups)
+        if batch.frames and observability.TRACING:
+            self._trace(batch, sink, groups, received_ns)
         if len(batch) >= self.cfg.batch_max_rows:
             self.flush()
         elif batch.frames and self._flush_handle is None:
@@ -249,6 +258,28 @@ class Pipeline:
             self.dispatcher.device_seen(device, sink)
         return granted > 0
 
+    def _count(self, events: list[Any], sink: AckSink, groups: _ReadGroups) -> None:
+        """Once per read: frames by transport, points by transport and tenant."""
+        kind = getattr(sink, "kind", "other")
+        self.frames_in[kind] = self.frames_in.get(kind, 0) + len(events)
+        points = self.points_in
+        for tenant, count in groups.points.items():
+            key = (kind, tenant)
+            points[key] = points.get(key, 0) + count
+
+    def _trace(self, batch: Batch, sink: AckSink, groups: _ReadGroups,
+               received_ns: int) -> None:
+        """The open batch's trace starts with the read that opened it."""
+        trace = batch.trace
+        now = time.time_ns()
+        if trace is None:
+            first = batch.frames[0]
+            trace = batch.trace = observability.BatchTrace(
+                getattr(sink, "kind", "other"), received_ns or now, first.device, first.seq,
+                first.tenant)
+            trace.accepted_ns = now
+        trace.tenants.update(groups.points)
+
     def _report(self, verdict: Refusal, kind: str, key: int) -> None:
         if verdict is Refusal.SUSTAINED and self.on_abuse is not None:
             self.on_abuse(kind, key)
@@ -262,6 +293,8 @@ class Pipeline:
         if not batch.frames:
             return
         self.batch = Batch()
+        if batch.trace is not None:
+            batch.trace.queued_ns = time.time_ns()
         self.pending_rows += len(batch)
         self.writer.submit(batch)
         if not self.paused and self.pending_rows > self.high_water:
@@ -314,6 +347,9 @@ class Pipeline:
                                   [f for f in batch.frames if frame_key(f) not in duplicates
                                    and frame_key(f) not in rejected])
         self.pending_rows -= len(batch)
+        if batch.trace is not None:
+            batch.trace.acked_ns = time.time_ns()
+            batch.trace.emit()
         if self.paused and self.pending_rows <= self.high_water // 2:
             self.paused = False
             for sink in self.sinks:

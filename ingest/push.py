@@ -79,6 +79,7 @@ def service(pipeline: Pipeline, authorizer: Authorizer) -> Service:
 
 
 class PushCall:
+    kind = "grpc"  # the transport's name in metrics and traces
     """The pipeline's sink for one Push: collects the acks of its frames and
     completes ``done`` when every one has its answer."""
 

@@ -14,8 +14,9 @@ go out, then close the connections.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
-from rmiot import db
+from rmiot import db, observability
 from rmiot.config import Config
 from rmiot.ingest.alarm_engine import Engine, RuleBook
 from rmiot.ingest.alarm_writer import AlarmWriter, OpenAlarms
@@ -51,6 +52,7 @@ class IngestService:
         # MQTT, CoAP, HTTP: each when enabled in its config section.
         self.transports = DeviceTransports(cfg, self.pipeline)
         self.ports: dict[str, int] = {}  # their ports, once started
+        self._unwatch: list[Callable[[], None]] = []
 
     async def start(self) -> int:
         """Start everything; returns the TCP port bound."""
@@ -63,11 +65,31 @@ class IngestService:
         await self.pipeline.writer.start()
         port = await self.tcp.start()
         self.ports = await self.transports.start()
+        self._unwatch = [observability.watch(name, read) for name, read in self._metrics()]
         log.info("ingest started", extra={"tcp_port": port, "devices": len(self.view.devices),
                                           "writers": self.cfg.ingest.writers})
         return port
 
+    def _metrics(self) -> list[tuple[str, Callable[[], Iterable[observability.Sample]]]]:
+        """What this process reports at each metrics collection (copies: the
+        exporter may read from its own thread)."""
+        pipeline, writer = self.pipeline, self.pipeline.writer
+        return [
+            ("rmiot.ingest.points", lambda: [
+                ({"transport": kind, "tenant": tenant}, n)
+                for (kind, tenant), n in pipeline.points_in.copy().items()]),
+            ("rmiot.ingest.frames", lambda: [({"transport": kind}, n)
+                                             for kind, n in pipeline.frames_in.copy().items()]),
+            ("rmiot.ingest.rows_committed", lambda: [({}, writer.rows_committed)]),
+            ("rmiot.ingest.queue.batches", lambda: [({}, writer.backlog)]),
+            ("rmiot.ingest.queue.rows", lambda: [({}, pipeline.pending_rows)]),
+            ("rmiot.ingest.connections", lambda: [({"transport": "tcp"},
+                                                   len(self.tcp.connections))]),
+        ]
+
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        for unwatch in self._unwatch:
+            unwatch()
         await self.tcp.stop_accepting()
         self.tcp.pause_all()
         await self.transports.stop_taking()

@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Any, cast
 
+from rmiot import observability
 from rmiot.config import IngestConfig
 from rmiot.core_ext import FrameDecoder
 from rmiot.ingest.pipeline import Pipeline
@@ -35,6 +36,7 @@ log = logging.getLogger("rmiot.ingest.tcp")
 class RmfConnection(asyncio.Protocol):
     __slots__ = ("adapter", "decoder", "last_rx", "partial_since", "paused", "peer",
                  "transport")
+    kind = "tcp"  # the transport's name in metrics and traces
 
     def __init__(self, adapter: TcpAdapter) -> None:
         self.adapter = adapter
@@ -62,9 +64,10 @@ class RmfConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
         self.last_rx = now
+        received_ns = time.time_ns() if observability.TRACING else 0
         events = self.decoder.feed(data)
         if events:
-            self.adapter.pipeline.accept(events, self)
+            self.adapter.pipeline.accept(events, self, received_ns)
             self.partial_since = now if self.decoder.pending() else 0.0
         elif not self.partial_since:
             self.partial_since = now

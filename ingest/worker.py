@@ -21,11 +21,14 @@ import uvloop
 from rmiot import logs
 from rmiot.config import load
 from rmiot.ingest.service import IngestService
+from rmiot.observability import Observability
 
 
 async def main() -> None:
     cfg = load()
     logs.setup(cfg.log.level, "json")
+    observability = Observability(cfg.otel)
+    await observability.start()
     service = IngestService(cfg)
     port = await service.start()
     print(f"PORT {port}", flush=True)
@@ -35,6 +38,7 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await service.stop()
+    await observability.stop()
     print(f"STATS {dict(service.pipeline.stats)}", file=sys.stderr, flush=True)
 
 

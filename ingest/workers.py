@@ -41,8 +41,11 @@ class WorkerPool:
                                                    name=f"ingest-worker-{index}"))
         return count
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         env = {**os.environ, "RMIOT_INGEST_TCP_PORT": str(self.port)}
+        if self.cfg.otel.prometheus:  # each worker serves its own metrics, on the next ports
+            port = self.cfg.otel.prometheus_port
+            env["RMIOT_OTEL_PROMETHEUS_PORT"] = str(port + 1 + index if port else 0)
         if self.cfg.source != "defaults":
             env["RMIOT_CONFIG"] = self.cfg.source
         proc = await asyncio.create_subprocess_exec(
@@ -58,7 +61,7 @@ class WorkerPool:
         delay = 1.0
         while not self._stopping:
             try:
-                proc = await self._spawn()
+                proc = await self._spawn(index)
             except (OSError, RuntimeError) as exc:
                 log.error("ingest worker failed to start", extra={"error": str(exc)})
                 await asyncio.sleep(delay)

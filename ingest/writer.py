@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
+from rmiot import observability
 from rmiot.core_ext import Frame, copy_header, copy_trailer
 from rmiot.ingest.marks import mark_stored
 from rmiot.ingest.outbox import Outbox
@@ -70,6 +72,7 @@ class Batch:
     frames: list[Frame] = field(default_factory=list)
     sinks: list[Any] = field(default_factory=list)
     ticket: int = 0  # hospital role: the batch's place in the outbox's commit order
+    trace: observability.BatchTrace | None = None  # when tracing: its timestamps
 
     def add(self, frame: Frame, sink: Any) -> None:
         self.frames.append(frame)
@@ -151,9 +154,20 @@ class BatchWriter:
                 batch = await self.queue.get()
                 self.busy += 1
                 try:
+                    started = time.perf_counter()
+                    trace = batch.trace
+                    if trace is not None:
+                        trace.writing_ns = time.time_ns()
                     conn, outcome = await self._commit_until_done(conn, batch)
-                    self.rows_committed += len(batch) - len(outcome.duplicates) \
-                        - len(outcome.rejected)
+                    stored = len(batch) - len(outcome.duplicates) - len(outcome.rejected)
+                    self.rows_committed += stored
+                    observability.instruments.batch_duration.record(
+                        time.perf_counter() - started)
+                    observability.instruments.batch_rows.record(len(batch))
+                    if trace is not None:
+                        trace.written_ns = time.time_ns()
+                        trace.rows, trace.duplicates, trace.rejected = (
+                            stored, len(outcome.duplicates), len(outcome.rejected))
                     self.on_done(batch, outcome)
                 finally:
                     if self.outbox is not None:

@@ -19,6 +19,7 @@ import psycopg
 
 from rmiot import db
 from rmiot.config import Config
+from rmiot.db_metrics import DatabaseMetrics
 from rmiot.deploy import broker, certs, cluster, migrate, replica
 from rmiot.deploy.broker_auth import BrokerAuthSync
 from rmiot.grpc_server import GrpcServer, Service
@@ -28,12 +29,14 @@ from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
 from rmiot.interop import Interop
+from rmiot.observability import Observability
 from rmiot.query import service as query_service
 from rmiot.query.jobs import QueryJobs
 from rmiot.query.service import QueryService
 from rmiot.registry import command_service
 from rmiot.registry import service as registry_service
 from rmiot.registry.service import RegistryServicer
+from rmiot.rpc_tracing import RpcTracing
 from rmiot.security.service import SecurityServices
 
 log = logging.getLogger("rmiot.platform")
@@ -130,10 +133,14 @@ class Platform:
     api: Api | None = None
     query_jobs: QueryJobs | None = None
     interop: Interop | None = None
+    observability: Observability | None = None
+    db_metrics: DatabaseMetrics | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
         cluster.check_reachable(db.app_dsn(self.cfg))
+        self.observability = Observability(self.cfg.otel)  # first: the others report to it
+        scrape = await self.observability.start()
         self.security = SecurityServices(self.cfg)
         await self.security.start()
         if self.cfg.mqtt.enabled and self.cfg.broker.private:
@@ -152,8 +159,11 @@ class Platform:
         await self.api.start()
         self.query_jobs = QueryJobs(self.cfg)  # rollups and retention
         await self.query_jobs.start()
+        tiers = {f"/{query_service.SERVICE}/{name}": tier.value
+                 for name, (tier, _) in query_service.METHODS.items()}
+        tiers[f"/{query_service.SERVICE}/Batch"] = "batch"
         self.grpc = GrpcServer(self.cfg, services=self.api.services(),
-                               interceptors=[self.security.interceptor])
+                               interceptors=[RpcTracing(tiers), self.security.interceptor])
         port = await self.grpc.start()
         scheme = "grpcs" if self.cfg.grpc.tls else "grpc"
         self.endpoints = [
@@ -172,6 +182,12 @@ class Platform:
                                            "committed frames forwarded to the region"))
         self.interop = Interop(self.cfg, self.security, self.ingest)  # HL7, FHIR, DICOM
         self.endpoints += [Endpoint(*e) for e in await self.interop.start()]
+        if scrape or self.cfg.otel.exporter != "none":  # alarm latency, outbox backlog
+            self.db_metrics = DatabaseMetrics(db.app_dsn(self.cfg), 5.0,
+                                              self.cfg.platform.role == "hospital")
+            await self.db_metrics.start()
+        if scrape:
+            self.endpoints.append(Endpoint("metrics", scrape, "Prometheus scrape endpoint"))
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
 
@@ -192,8 +208,12 @@ class Platform:
             await self.ingest.stop()
         if self.broker_auth:
             await self.broker_auth.stop()
+        if self.db_metrics:
+            await self.db_metrics.stop()
         if self.security:
             await self.security.stop()  # last: the audit log flushes what the others wrote
+        if self.observability:
+            await self.observability.stop()  # flushes the last spans and metrics
         log.info("platform stopped")
 
 

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from opentelemetry import trace
 
 from rmiot.grpc_server import Context, ServerInterceptor
 from rmiot.security.audit import AuditRecord
@@ -278,6 +279,11 @@ class SecurityInterceptor(ServerInterceptor):
 
     def _record(self, call: CallState, method: str, obj: str | None, context: Context,
                 request_id: str) -> None:
+        span = trace.get_current_span()  # the call's span, when tracing (rmiot.rpc_tracing)
+        if span.is_recording():
+            span.set_attributes({"rmiot.tenant": call.tenant or 0,
+                                 "enduser.id": call.caller.subject,
+                                 "rmiot.outcome": call.outcome, "rmiot.request_id": request_id})
         self.audit.append(AuditRecord(
             ts=dt.datetime.now(dt.UTC), actor=call.caller.subject,
             role=",".join(call.caller.roles), tenant_id=call.tenant, method=method, object=obj,

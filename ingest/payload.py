@@ -9,9 +9,11 @@ HTTP — so the device id comes from there, never from the payload:
 - RMF: decoded as a TCP stream that ends with the message (an incomplete frame
   at its end is TRUNCATED). A frame naming another device becomes a
   ``Refusal`` with code UNKNOWN_DEVICE, which the pipeline NACKs like any error
-  event: a login speaks for its own device only, so no device can put data
-  under another's id, HMAC or not. (A frame with the right device but another
-  tenant is the pipeline's TENANT_MISMATCH.)
+  event: a login speaks for its own device only — and, for a gateway, for the
+  devices registered behind it (``devices.gateway_id``) — so no device can put
+  data under another's id, HMAC or not. (A frame with the right device but
+  another tenant is the pipeline's TENANT_MISMATCH.) Acks for a gateway's
+  children go down the gateway's topic or answer, and so do their commands.
 - JSON form: validated by ``core_ext.jsonform`` (a payload that is not the form
   raises ``JsonFormError``, code MALFORMED, and none of it is taken); each
   reading becomes the RMF frame it stands for, for the device and its tenant
@@ -63,14 +65,20 @@ class Refusal:
 
 
 def rmf_events(payload: bytes, device: int, view: DeviceView) -> list[Event]:
-    """The frames of one RMF message from ``device``, checked to be its own."""
+    """The frames of one RMF message from ``device``, checked to be its own
+    or, for a gateway, its children's."""
     decoder = FrameDecoder(view.key)
     events: list[Event] = decoder.feed(payload)
     events += decoder.eof()
     for i, ev in enumerate(events):
-        if type(ev) is Frame and ev.device != device:
+        if type(ev) is Frame and ev.device != device and not _behind(view, ev.device, device):
             events[i] = Refusal(UNKNOWN_DEVICE, ev.tenant, ev.device, ev.seq, ev.ack_req)
     return events
+
+
+def _behind(view: DeviceView, child: int, gateway: int) -> bool:
+    entry = view.get(child)
+    return entry is not None and entry.gateway_id == gateway
 
 
 def json_events(payload: bytes, device: int, view: DeviceView) -> list[Event]:

@@ -42,7 +42,7 @@ SELECT d.id, d.tenant_id,
        d.state IN ('registered', 'active', 'maintenance') AND t.enabled,
        (rmiot_tenant_setting(t.id, 'late_window_s'))::bigint,
        (rmiot_tenant_setting(t.id, 'points_per_s'))::float8,
-       k.owner, k.sealed, k.until
+       k.owner, k.sealed, k.until, d.gateway_id
   FROM devices d
   JOIN tenants t ON t.id = d.tenant_id
   LEFT JOIN LATERAL (
@@ -73,6 +73,9 @@ class DeviceEntry:
     # Valid HMAC keys, newest first, each with the end of its validity (Unix
     # seconds; None: until rotated or revoked). Two during a rotation's overlap.
     keys: tuple[tuple[bytes, float | None], ...]
+    # The gateway that speaks for the device (its frames may come on the
+    # gateway's connection or login), if any.
+    gateway_id: int | None = None
 
 
 class DeviceView(ChangeFollower):
@@ -125,14 +128,14 @@ class DeviceView(ChangeFollower):
         if gone is not None and all(row[0] != gone for row in rows):
             self.devices.pop(gone, None)
             self._changed(gone)
-        for dev_id, tenant_id, auth_required, may_send, late_s, quota, owner, sealed, until \
-                in rows:
+        for dev_id, tenant_id, auth_required, may_send, late_s, quota, owner, sealed, until, \
+                gateway in rows:
             keys = tuple((key, end) for key, end in zip(
                 (self._open_key(owner, s) for s in sealed or ()), until or (), strict=True)
                 if key is not None)
             self.devices[dev_id] = DeviceEntry(dev_id, tenant_id, auth_required, may_send,
                                                late_s * 1_000_000 if late_s else None, quota,
-                                               keys)
+                                               keys, gateway)
             if where:
                 self._changed(dev_id)
 

@@ -46,17 +46,17 @@ used AS (
   SELECT m.home, p.k, last.v - coalesce(base.v, first.v) AS v
     FROM m CROSS JOIN p
     CROSS JOIN LATERAL (
-      SELECT t.vals[array_position(t.metrics, %(metric)s)] AS v FROM telemetry t
+      SELECT t.vals[array_position(t.metrics, %(metric)s::int)] AS v FROM telemetry t
        WHERE t.device_id = m.id AND t.ts < p.hi AND t.ts >= p.lo
-         AND t.metrics @> ARRAY[%(metric)s] ORDER BY t.ts DESC LIMIT 1) last
+         AND t.metrics @> ARRAY[%(metric)s::int] ORDER BY t.ts DESC LIMIT 1) last
     LEFT JOIN LATERAL (
-      SELECT t.vals[array_position(t.metrics, %(metric)s)] AS v FROM telemetry t
+      SELECT t.vals[array_position(t.metrics, %(metric)s::int)] AS v FROM telemetry t
        WHERE t.device_id = m.id AND t.ts < p.lo AND t.ts >= p.lo - %(back)s
-         AND t.metrics @> ARRAY[%(metric)s] ORDER BY t.ts DESC LIMIT 1) base ON true
+         AND t.metrics @> ARRAY[%(metric)s::int] ORDER BY t.ts DESC LIMIT 1) base ON true
     LEFT JOIN LATERAL (
-      SELECT t.vals[array_position(t.metrics, %(metric)s)] AS v FROM telemetry t
+      SELECT t.vals[array_position(t.metrics, %(metric)s::int)] AS v FROM telemetry t
        WHERE t.device_id = m.id AND t.ts >= p.lo AND t.ts < p.hi
-         AND t.metrics @> ARRAY[%(metric)s] ORDER BY t.ts LIMIT 1) first ON base.v IS NULL
+         AND t.metrics @> ARRAY[%(metric)s::int] ORDER BY t.ts LIMIT 1) first ON base.v IS NULL
 )
 SELECT u.home, coalesce(n.name, ''), coalesce(sum(u.v) FILTER (WHERE u.k = 0), 0),
        sum(u.v) FILTER (WHERE u.k = 1), sum(u.v) FILTER (WHERE u.k = 2)
@@ -123,3 +123,21 @@ async def heating_and_cooling(conn: psycopg.AsyncConnection[Any], scope: int | N
     cur = await conn.execute(_HEAT_COOL_SQL.encode(), {"scope": scope, "lo": lo, "hi": hi,
                                                        "thr": threshold})
     return [HeatCool(int(r[0]), r[1], *(int(v) for v in r[2:])) for r in await cur.fetchall()]
+
+
+class OpsEnergy:
+    """The energy source the operations service reads through (a connection a
+    call: these are reports, not a hot path)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def energy(self, scope: int, first: dt.date, end: dt.date,
+                     metric: int) -> list[EnergyRow]:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            return await sub_metered(conn, scope or None, first, end, metric)
+
+    async def heating_cooling(self, scope: int, lo: dt.datetime,
+                              hi: dt.datetime) -> list[HeatCool]:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            return await heating_and_cooling(conn, scope or None, lo, hi)

@@ -32,8 +32,9 @@ from rmiot.interop import Interop
 from rmiot.observability import Observability
 from rmiot.query import service as query_service
 from rmiot.query.jobs import QueryJobs
+from rmiot.query.ops_energy import OpsEnergy
 from rmiot.query.service import QueryService
-from rmiot.registry import command_service
+from rmiot.registry import command_service, ops_service
 from rmiot.registry import service as registry_service
 from rmiot.registry.service import RegistryServicer
 from rmiot.rpc_tracing import RpcTracing
@@ -99,6 +100,8 @@ class Api:
         self.query = QueryService(security.cfg, security.authorizer)
         security.add_rules(query_service.RULES)
         security.add_rules(alarm_service.RULES)
+        security.add_rules(ops_service.RULES)
+        self.ops = ops_service.OpsServices(security.dsn, OpsEnergy(security.dsn))
         self.alarms = alarm_service.AlarmServices(
             security.dsn, security.pool, security.authorizer, security.keyring, security.audit)
 
@@ -106,16 +109,19 @@ class Api:
         await self.registry.start()
         await self.query.start()
         await self.alarms.start()
+        await self.ops.start()
 
     def services(self) -> list[Service]:
         assert self.security.pool is not None
         out = [*self.security.services(), command_service.service(self.security.pool),
-               self.registry.service(), *self.query.services(), self.alarms.service()]
+               self.registry.service(), *self.query.services(), self.alarms.service(),
+               self.ops.service()]
         if self.ingest is not None:
             out.append(push.service(self.ingest.pipeline, self.security.authorizer))
         return out
 
     async def stop(self) -> None:
+        await self.ops.stop()
         await self.alarms.stop()
         await self.query.stop()
         await self.registry.stop()

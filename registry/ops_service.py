@@ -348,11 +348,11 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
         except (ValueError, RegistryError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    async def Energy(self, request: pb.EnergyRequest, context: Context) -> pb.EnergyReply:
+    async def Energy(self, request: pb.ZoneEnergyRequest, context: Context) -> pb.ZoneEnergyReply:
         scope, first, end = await self._period(context, request)
         rows = await self._energy(context, scope, first, end, request.metric or 201)
         nan = float("nan")
-        return pb.EnergyReply(zones=[pb.EnergyLine(
+        return pb.ZoneEnergyReply(zones=[pb.EnergyLine(
             zone_id=r.zone_id, zone=r.zone, used=r.energy, previous_month=_or(r.previous_month),
             last_year=_or(r.last_year),
             mom_pct=(r.energy - r.previous_month) / r.previous_month * 100
@@ -373,7 +373,7 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "to_date after from_date")
         return scope.tenant_id or 0, first, end
 
-    async def HeatingCooling(self, request: pb.EnergyRequest,
+    async def HeatingCooling(self, request: pb.ZoneEnergyRequest,
                              context: Context) -> pb.HeatingCoolingReply:
         scope, first, end = await self._period(context, request)
         if self.energy_source is None:

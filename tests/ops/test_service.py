@@ -174,7 +174,7 @@ async def test_monthly_report_renders_with_energy(desk: Desk, tmp_path: Path) ->
     write_frames(d.dsn, vent, d.hospital_a,
                  [(dt.datetime(2025, 3, 1, tzinfo=UTC) + dt.timedelta(minutes=30 * i),
                    [(304, i % 3 == 0)]) for i in range(48 * 31)])
-    energy = await desk.call("admin_a", "Energy", ops_pb2.EnergyRequest(
+    energy = await desk.call("admin_a", "Energy", ops_pb2.ZoneEnergyRequest(
         from_date="2025-03-01", to_date="2025-04-01", metric=201))
     [zone] = [z for z in energy.zones if z.zone_id == d.building_a]
     # Local days (the platform's time zone) shift the bounds, not the hourly rate.

@@ -31,6 +31,8 @@ from rmiot.ingest.workers import WorkerPool
 from rmiot.interop import Interop
 from rmiot.observability import Observability
 from rmiot.query import service as query_service
+from rmiot.query.dashboard.demo import simulation_viewer
+from rmiot.query.dashboard.server import Dashboard
 from rmiot.query.jobs import QueryJobs
 from rmiot.query.ops_energy import OpsEnergy
 from rmiot.query.service import QueryService
@@ -141,6 +143,7 @@ class Platform:
     interop: Interop | None = None
     observability: Observability | None = None
     db_metrics: DatabaseMetrics | None = None
+    dashboard: Dashboard | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
 
     async def start(self) -> list[Endpoint]:
@@ -188,6 +191,12 @@ class Platform:
                                            "committed frames forwarded to the region"))
         self.interop = Interop(self.cfg, self.security, self.ingest)  # HL7, FHIR, DICOM
         self.endpoints += [Endpoint(*e) for e in await self.interop.start()]
+        if self.cfg.dashboard.enabled:  # the API's own users, reach and audit
+            self.dashboard = Dashboard(self.cfg, port, self.security.sessions,
+                                       self.security.authorizer, self.security.audit,
+                                       self._ingest_figures)
+            self.endpoints.append(Endpoint("dashboard", await self.dashboard.start(),
+                                           "web dashboard: log in as a user"))
         if scrape or self.cfg.otel.exporter != "none":  # alarm latency, outbox backlog
             self.db_metrics = DatabaseMetrics(db.app_dsn(self.cfg), 5.0,
                                               self.cfg.platform.role == "hospital")
@@ -197,7 +206,17 @@ class Platform:
         log.info("platform started", extra={"role": self.cfg.platform.role})
         return self.endpoints
 
+    def _ingest_figures(self) -> dict[str, float]:
+        """This process's ingest figures, for the dashboard."""
+        assert self.ingest is not None
+        pipeline = self.ingest.pipeline
+        return {"stored": pipeline.stats["stored"], "backlog": pipeline.writer.backlog,
+                "pending_rows": pipeline.pending_rows,
+                "connections": len(self.ingest.tcp.connections)}
+
     async def stop(self) -> None:
+        if self.dashboard:
+            await self.dashboard.stop()
         if self.grpc:
             await self.grpc.stop()
         if self.uplink:
@@ -259,6 +278,12 @@ async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True,
             sim = await start_simulation(cfg, simulate, port=platform.ingest.tcp.port)
             print(f"simulating {len(sim.hospitals)} hospitals, {sim.devices} devices "
                   f"(rmiot simulate --help)", flush=True)
+            assert platform.security is not None
+            viewer = await simulation_viewer(db.app_dsn(cfg), platform.security.authorizer)
+            if viewer and platform.dashboard:
+                print(f"dashboard {platform.dashboard.url}  log in as {viewer[0]}, password "
+                      f"{viewer[1]} (the commission's de-identified view of the simulated "
+                      "city)", flush=True)
             progress = asyncio.create_task(report(sim, sys.stdout, 10.0))
         if on_ready:
             print("Ctrl-C stops everything.", flush=True)

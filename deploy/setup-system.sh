@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what rmiot needs from the operating system, once, idempotently:
-#   Debian packages (PostgreSQL 15 and its server headers, build tools, Mosquitto)
+#   Debian packages (PostgreSQL 15 and its server headers, build tools, Mosquitto,
+#   Chromium for the dashboard's browser tests)
 #   and the TimescaleDB extension (Apache-2 edition), built from Debian trixie's
 #   source package against PostgreSQL 15 when the extension is missing.
 # Finishes in well under a second when everything is already there.
@@ -10,6 +11,7 @@ PG_MAJOR=15
 PACKAGES=(
   "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" postgresql-contrib
   build-essential cmake dpkg-dev mosquitto mosquitto-clients libssl-dev
+  chromium  # the dashboard's browser tests (Playwright drives /usr/bin/chromium)
 )
 PG_SHAREDIR=$(/usr/lib/postgresql/$PG_MAJOR/bin/pg_config --sharedir 2>/dev/null || echo /usr/share/postgresql/$PG_MAJOR)
 

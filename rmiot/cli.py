@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("name", help="file name and common name, e.g. hospital-12")
     issue.add_argument("--kind", required=True, choices=["platform", "vendor", "operator"])
     issue.add_argument("--tenant", type=int, help="tenant id whose subtree the holder speaks for")
+    from rmiot import ops_cli
     from rmiot.deploy import backup_cli, destroy_cli
     from rmiot.ingest import alarm_cli, simulator
     from rmiot.query import cli as query_cli
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rmiot.tenants import cli as tenants_cli
 
     for module in (tenants_cli, importer, users_cli, keys_cli, audit_cli, backup_cli,
-                   destroy_cli, simulator, query_cli, dataset_cli, alarm_cli):
+                   destroy_cli, simulator, query_cli, dataset_cli, alarm_cli, ops_cli):
         module.add_parser(sub).set_defaults(handler=_delegate(module.main))
     p = add("frame", cmd_frame, "decode or encode RMF v1 frames (a vendor's debugging tool)")
     p.add_argument("action", choices=["decode", "encode"],

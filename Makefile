@@ -100,6 +100,11 @@ bench-query: setup
 bench-alarms: setup
 	@$(BIN)/python benches/bench_alarms.py
 
+# Issue 9's figure: the district-wide dispatch query (dispatch_p99_ms) on the query
+# issue's dataset.
+bench-ops: setup
+	@$(BIN)/python benches/bench_ops.py
+
 bench-decode: setup
 	@$(BIN)/python benches/bench_decode.py
 

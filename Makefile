@@ -47,10 +47,14 @@ proto/%_pb2.py: proto/%.proto | $(VENV)/.installed
 
 ## the two commands -------------------------------------------------------------
 
-# A simulated city feeds the platform (SIMULATE= runs it alone).
+# A simulated city feeds the platform (SIMULATE= runs it alone) over RMF TCP,
+# MQTT and HTTP: the demo turns the MQTT and HTTP device adapters on
+# (DEVICE_TRANSPORTS= leaves them as the configuration says).
 SIMULATE ?= small
+DEVICE_TRANSPORTS ?= on
 run: setup
-	@$(BIN)/rmiot run $(if $(SIMULATE),--simulate $(SIMULATE))
+	@$(if $(DEVICE_TRANSPORTS),RMIOT_MQTT_ENABLED=true RMIOT_HTTP_ENABLED=true) \
+	  $(BIN)/rmiot run $(if $(SIMULATE),--simulate $(SIMULATE))
 
 test: setup lint typecheck pytest
 

@@ -17,8 +17,9 @@ an abnormal episode (tachycardia, desaturation, hypotension or fever) lasting
 30 s to 2 min, at about ``abnormal_per_hour`` episodes per monitor an hour.
 
 Registration is idempotent: tenants by code (``sim-city``, ``sim-h01`` …),
-devices by UDI within their hospital (``sim-h01-monitor-003``), so a second run
-finds what the first made.
+devices by UDI within their hospital (``sim-h01-monitor-003``, gateways
+``sim-h01-gateway-ward``), so a second run finds what the first made. Devices
+behind a gateway are registered behind it (``devices.gateway_id``).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class Hospital:
     tenant: int
     code: str
     devices: list[Device]
+    gateways: dict[str, int] = field(default_factory=dict)  # name -> gateway device id
 
 
 def register(conn: psycopg.Connection[Any], city: City, seed: int = 1) -> tuple[
@@ -185,7 +187,18 @@ def register(conn: psycopg.Connection[Any], city: City, seed: int = 1) -> tuple[
                     created += 1
                 devices.append(Device(device_id, tenant, kind,
                                       random.Random(seed * 1_000_003 + device_id)))
-        hospitals.append(Hospital(tenant, code, devices))
+        gateways = {}
+        for name in dict.fromkeys(k.gateway for k in KINDS if k.gateway):
+            udi = f"{code}-gateway-{name}"
+            gateway = known.get(udi)
+            if gateway is None:
+                gateway = store.register_device(conn, tenant, udi=udi, serial_no=udi)
+                created += 1
+            gateways[name] = gateway
+            conn.execute("UPDATE devices SET gateway_id = %s WHERE id = ANY (%s) "
+                         "AND gateway_id IS DISTINCT FROM %s",
+                         (gateway, [d.id for d in devices if d.kind.gateway == name], gateway))
+        hospitals.append(Hospital(tenant, code, devices, gateways))
     return hospitals, created
 
 

@@ -1,15 +1,18 @@
 """``rmiot simulate``: a city's hospitals and their devices sending to the
-platform over RMF TCP, with realistic rates (``rmiot.ingest.city``) and live
-progress on the terminal.
+platform, with realistic rates (``rmiot.ingest.city``) and live progress on
+the terminal.
 
-Each bedside monitor and infusion pump has a connection of its own; wearables,
-RFID tags, environment sensors and meters speak through a gateway connection
+Each bedside monitor and infusion pump has an RMF TCP connection of its own;
+wearables, RFID tags, environment sensors and meters speak through a gateway
 per hospital and kind of gateway (ward, RTLS, building), as in a hospital.
-Every frame asks for an ack and is kept until it has OK or DUPLICATE, like a
-device with a send buffer (``MAX_UNACKED`` frames per connection: past it the
-oldest is dropped and counted); after a lost connection the link reconnects
-(every second) and resends what was not acknowledged. COMMAND frames are
-answered with a COMMAND_RESULT (success), as a device would.
+Over a mix of transports: with the platform's MQTT adapter enabled the
+building gateways publish over MQTT, with its HTTP adapter the ward gateways
+post over HTTP (each a registered gateway device with a fresh transport login
+at every start); the rest is RMF TCP (``rmiot.ingest.sim_links``). Every frame
+asks for an ack and is kept until it has OK or DUPLICATE, like a device with a
+send buffer; after a lost connection a link reconnects (every second) and
+resends what was not acknowledged. COMMAND frames are answered with a
+COMMAND_RESULT (success), as a device would.
 
 For ``make run``: ``await start_simulation(cfg, "small")`` in the platform's
 event loop returns a running ``Simulation`` (``await sim.stop()`` ends it);
@@ -30,80 +33,20 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from rmiot import db
 from rmiot.config import Config
-from rmiot.core_ext import (
-    ACK_DUPLICATE,
-    ACK_OK,
-    FLAG_ACK_REQ,
-    KIND_ACK,
-    KIND_COMMAND,
-    Frame,
-    FrameDecoder,
-    encode_frame,
-)
+from rmiot.core_ext import FLAG_ACK_REQ, encode_frame
 from rmiot.ingest import city
-from rmiot.ingest.client import command_result
+from rmiot.ingest.sim_links import HttpLink, Link, MqttLink
+from rmiot.registry import transport_credentials
 
 log = logging.getLogger("rmiot.ingest.simulator")
 
-MAX_UNACKED = 10_000
 TICK_S = 0.05
 RECONNECT_S = 1.0
 ABNORMAL_PER_HOUR = 2.0
-
-
-class Link(asyncio.Protocol):
-    """One RMF TCP connection: a device's own, or a gateway's for several."""
-
-    def __init__(self, devices: dict[int, city.Device], stats: Counter[str]) -> None:
-        self.devices = devices
-        self.stats = stats
-        self.unacked: dict[tuple[int, int], bytes] = {}
-        self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
-        self.connecting = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.decoder = FrameDecoder()
-        self.stats["connects"] += 1
-        if self.unacked:
-            self.stats["resent"] += len(self.unacked)
-            self.transport.write(b"".join(self.unacked.values()))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.stats["disconnects"] += 1
-
-    def send(self, device: int, seq: int, frame: bytes) -> None:
-        if len(self.unacked) >= MAX_UNACKED:
-            del self.unacked[next(iter(self.unacked))]
-            self.stats["dropped_by_device"] += 1
-        self.unacked[(device, seq)] = frame
-        if self.transport is not None:
-            self.transport.write(frame)
-
-    def data_received(self, data: bytes) -> None:
-        for ev in self.decoder.feed(data):
-            if type(ev) is not Frame:
-                continue
-            if ev.kind == KIND_ACK:
-                status = int(ev.fields()[0][2])  # type: ignore[call-overload]
-                if status in (ACK_OK, ACK_DUPLICATE):
-                    self.unacked.pop((ev.device, ev.seq), None)
-                    self.stats["ok" if status == ACK_OK else "duplicate"] += 1
-                else:
-                    self.stats[f"refused_{status}"] += 1
-            elif ev.kind == KIND_COMMAND and ev.device in self.devices:
-                device = self.devices[ev.device]
-                command_id = int(ev.fields()[0][2])  # type: ignore[call-overload]
-                seq = device.next_seq()
-                self.send(device.id, seq, command_result(
-                    device.tenant, device.id, seq, time.time_ns() // 1000, command_id, 0))
-                self.stats["commands"] += 1
 
 
 @dataclass
@@ -115,6 +58,11 @@ class Simulation:
     port: int
     speed: float = 1.0
     abnormal_per_hour: float = ABNORMAL_PER_HOUR
+    # gateway name -> (transport, {gateway device id: its login}) for the
+    # gateways that do not speak RMF TCP
+    gateway_links: dict[str, tuple[str, dict[int, tuple[str, str]]]] = field(
+        default_factory=dict)
+    cfg: Config | None = None
     stats: Counter[str] = field(default_factory=Counter)
     links: list[Link] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -133,10 +81,10 @@ class Simulation:
                 if gateway:
                     link = gateways.get(gateway)
                     if link is None:
-                        link = gateways[gateway] = Link({}, self.stats)
+                        link = gateways[gateway] = self._gateway_link(hospital, gateway)
                         self.links.append(link)
                 else:
-                    link = Link({}, self.stats)
+                    link = Link({}, self.stats, self.host, self.port)
                     self.links.append(link)
                 link.devices[device.id] = device
                 self._route[device.id] = link
@@ -157,7 +105,9 @@ class Simulation:
         """Stop sending, give the last acks up to ``wait_s``, then stop."""
         await self.stop_sending()
         for _ in range(int(wait_s / 0.05)):
-            if not any(link.unacked and link.transport for link in self.links):
+            for link in self.links:
+                link.tick()
+            if not any(link.unacked and link.up for link in self.links):
                 break
             await asyncio.sleep(0.05)
         await self.stop()
@@ -165,36 +115,48 @@ class Simulation:
     async def stop(self) -> None:
         await self.stop_sending()
         for link in self.links:
-            if link.transport is not None:
-                link.transport.close()
+            await link.close()
 
     def summary(self) -> str:
         """One line: what was sent, acknowledged and refused so far."""
         s = self.stats
         refused = sum(v for k, v in s.items() if k.startswith("refused_"))
-        up = sum(1 for link in self.links if link.transport is not None)
+        up = sum(1 for link in self.links if link.up)
         unacked = sum(len(link.unacked) for link in self.links)
+        mix = " ".join(f"{name} {n}" for name, n in sorted(self.transports().items()))
         return (f"{len(self.hospitals)} hospitals, {self.devices} devices, {up}/{len(self.links)}"
-                f" connections | sent {s['sent']:,} ok {s['ok']:,} dup {s['duplicate']:,} "
+                f" links ({mix}) | sent {s['sent']:,} ok {s['ok']:,} dup {s['duplicate']:,} "
                 f"refused {refused:,} unacked {unacked:,} | abnormal {s['abnormal']:,} frames "
                 f"in {s['episodes']:,} episodes")
 
+    def _gateway_link(self, hospital: city.Hospital, gateway: str) -> Link:
+        transport, logins = self.gateway_links.get(gateway, ("tcp", {}))
+        device = hospital.gateways.get(gateway, 0)
+        if self.cfg is not None and device in logins:
+            if transport == "mqtt":
+                return MqttLink({}, self.stats, self.cfg, device, logins[device])
+            if transport == "http":
+                return HttpLink({}, self.stats, self.cfg, device, logins[device])
+        return Link({}, self.stats, self.host, self.port)
+
+    def transports(self) -> Counter[str]:
+        """Links per transport."""
+        names: dict[type[Link], str] = {MqttLink: "mqtt", HttpLink: "http"}
+        return Counter(names.get(type(link), "tcp") for link in self.links)
+
     async def _connect_all(self) -> None:
-        loop = asyncio.get_running_loop()
         limit = asyncio.Semaphore(200)
 
         async def connect(link: Link) -> None:
             async with limit:
                 link.connecting = True
                 try:
-                    await loop.create_connection(lambda: link, self.host, self.port)
-                except OSError:
-                    self.stats["connect_failures"] += 1
+                    await link.open()
                 finally:
                     link.connecting = False
 
         await asyncio.gather(*(connect(link) for link in self.links
-                               if link.transport is None and not link.connecting))
+                               if not link.up and not link.connecting))
 
     async def _reconnect(self) -> None:
         while True:
@@ -219,6 +181,8 @@ class Simulation:
                 self._report(device, ts_us)
                 heapq.heappush(due, (at + device.kind.interval_s / self.speed, next(order),
                                      device))
+            for link in self.links:
+                link.tick()
             await asyncio.sleep(TICK_S)
 
     def _report(self, device: city.Device, ts_us: int) -> None:
@@ -236,25 +200,43 @@ class Simulation:
         self.stats["points"] += len(fields)
 
 
+# Gateways that do not speak RMF TCP when the platform's adapter is enabled.
+GATEWAY_TRANSPORTS = {"building": "mqtt", "ward": "http"}
+
+
 async def start_simulation(cfg: Config, city_name: str = "small", *, hospitals: int = 0,
                            host: str = "", port: int = 0, speed: float = 1.0,
                            abnormal_per_hour: float = ABNORMAL_PER_HOUR) -> Simulation:
-    """Register the city (idempotent) and start it sending to the platform's
-    RMF TCP port (``ingest.tcp_host``/``tcp_port`` unless given)."""
+    """Register the city (idempotent) and start it sending to the platform:
+    RMF TCP to ``ingest.tcp_host``/``tcp_port`` unless given, and MQTT and
+    HTTP gateways where those adapters are enabled."""
     shape = city.CITIES[city_name]
     if hospitals:
         shape = city.City(hospitals, shape.scale)
+    enabled = {"mqtt": cfg.mqtt.enabled, "http": cfg.http.enabled}
+    wanted = {g: t for g, t in GATEWAY_TRANSPORTS.items() if enabled[t]}
 
-    def register() -> tuple[list[city.Hospital], int]:
+    def register() -> tuple[list[city.Hospital], int, dict[str, dict[int, tuple[str, str]]]]:
         with db.connect(db.app_dsn(cfg), autocommit=True) as conn:
-            return city.register(conn, shape)
+            made, created = city.register(conn, shape)
+            logins: dict[str, dict[int, tuple[str, str]]] = {g: {} for g in wanted}
+            for hospital in made:
+                for gateway in wanted:
+                    device = hospital.gateways[gateway]
+                    # A fresh login each start: the password is only known when issued.
+                    transport_credentials.revoke(conn, device_id=device)
+                    logins[gateway][device] = transport_credentials.issue(conn, device)
+            return made, created, logins
 
-    made, created = await asyncio.to_thread(register)
-    if created:
-        log.info("simulator registered devices", extra={"devices": created})
-        await asyncio.sleep(1.0)  # the ingest processes' device views follow within ms
+    made, created, logins = await asyncio.to_thread(register)
+    if created or logins:
+        log.info("simulator registered devices", extra={"created": created})
+        # The ingest processes' device views and the broker's logins follow
+        # within moments; links that connect too early retry every second.
+        await asyncio.sleep(1.0)
     sim = Simulation(made, host or cfg.ingest.tcp_host, port or cfg.ingest.tcp_port, speed,
-                     abnormal_per_hour)
+                     abnormal_per_hour,
+                     gateway_links={g: (wanted[g], logins[g]) for g in wanted}, cfg=cfg)
     await sim.start()
     return sim
 
@@ -316,7 +298,7 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     print(f"simulating {len(sim.hospitals)} hospitals, {sim.devices} devices "
           f"(~{expected * args.speed:,.0f} frames/s) -> {sim.host}:{sim.port}; Ctrl-C stops",
           flush=True)
-    if not any(link.transport for link in sim.links):
+    if not any(link.up for link in sim.links):
         print(f"rmiot: nothing listens on {sim.host}:{sim.port} yet; retrying every second",
               file=sys.stderr, flush=True)
     stop = asyncio.Event()

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from rmiot.config import Config
+from rmiot.deploy import broker_auth
 from rmiot.ingest import city, simulator
 from rmiot.ingest.service import IngestService
 from rmiot.security.sm4 import Keyring
@@ -67,11 +68,16 @@ async def test_a_small_city_reports_and_is_acknowledged(base_cfg: Config, databa
 @pytest.mark.slow
 def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple[str, int],
                                                       dev_certs: Config) -> None:
-    """``rmiot run --simulate small`` (what ``make run`` starts): the platform
-    comes up, the city reports with live rates, Ctrl-C stops both cleanly."""
+    """``rmiot run --simulate small`` with the MQTT and HTTP adapters on (what
+    ``make run`` starts): the platform comes up, the city reports over RMF TCP,
+    MQTT and HTTP with live rates, Ctrl-C stops both cleanly."""
+    root = f"t-{dev_certs.database.name}-run"
     env = {**os.environ, "RMIOT_DATABASE_NAME": dev_certs.database.name,
            "RMIOT_GRPC_PORT": str(free_port()), "RMIOT_GRPC_MTLS_PORT": str(free_port()),
            "RMIOT_INGEST_TCP_PORT": str(free_port()), "RMIOT_INGEST_PROCESSES": "1",
+           "RMIOT_MQTT_ENABLED": "true", "RMIOT_MQTT_TOPIC_ROOT": root,
+           "RMIOT_MQTT_SHARE_GROUP": root, "RMIOT_HTTP_ENABLED": "true",
+           "RMIOT_HTTP_PORT": str(free_port()),
            "RMIOT_LOG_FORMAT": "json", "RMIOT_LOG_LEVEL": "warning"}
     with subprocess.Popen([sys.executable, "-m", "rmiot.cli", "run", "--simulate", "small"],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,6 +92,8 @@ def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple
         finally:
             proc.send_signal(signal.SIGINT)
             rest, stderr = proc.communicate(timeout=60)
+    broker_auth.remove_realm(dataclasses.replace(
+        dev_certs, mqtt=dataclasses.replace(dev_certs.mqtt, topic_root=root)))
     out = "".join(lines) + rest
     said = "\n".join(line for line in stderr.splitlines()
                      if not line.startswith("{") or '"error"' in line or "ERROR" in line)
@@ -96,3 +104,4 @@ def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple
     assert summary.startswith("3 hospitals, 195 devices"), out
     sent = int(re.search(r"sent ([\d,]+)", summary)[1].replace(",", ""))  # type: ignore[index]
     assert sent > 300 and "refused 0" in summary and "unacked 0" in summary, summary
+    assert "(http 3 mqtt 3 tcp 63)" in summary, summary

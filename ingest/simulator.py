@@ -230,7 +230,7 @@ async def start_simulation(cfg: Config, city_name: str = "small", *, hospitals: 
 
     made, created, logins = await asyncio.to_thread(register)
     if created or logins:
-        log.info("simulator registered devices", extra={"created": created})
+        log.info("simulator registered devices", extra={"devices": created})
         # The ingest processes' device views and the broker's logins follow
         # within moments; links that connect too early retry every second.
         await asyncio.sleep(1.0)

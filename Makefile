@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
         bench-security bench-registry bench-durability bench-federation bench-transports bench-query \
-        bench-fuzz clean
+        bench-alarms bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
@@ -71,7 +71,7 @@ pytest: setup
 ## benchmarks -------------------------------------------------------------------
 
 bench: bench-ingest bench-security bench-registry bench-durability bench-transports \
-       bench-query bench-fuzz
+       bench-query bench-alarms bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup

@@ -43,11 +43,11 @@ GOAL_MS = 50.0
 _LAYER = """
 INSERT INTO device_status AS s (device_id, use_state, state_since, battery, zone_id, floor, x, y,
                                 last_seen)
-SELECT d.id, CASE WHEN d.id %% 10 < 6 THEN 1 WHEN d.id %% 50 = 11 THEN 2 ELSE 0 END,
-       now() - interval '2 hours', (d.id * 37) %% 100, coalesce(d.department_id, d.tenant_id),
-       1 + d.id %% 8, (d.id * 13) %% 80, (d.id * 7) %% 40,
-       now() - CASE WHEN d.id %% 20 = 3 THEN interval '2 hours'
-                    ELSE (d.id %% 20) * interval '1 minute' END
+SELECT d.id, CASE WHEN d.id % 10 < 6 THEN 1 WHEN d.id % 50 = 11 THEN 2 ELSE 0 END,
+       now() - interval '2 hours', (d.id * 37) % 100, coalesce(d.department_id, d.tenant_id),
+       1 + d.id % 8, (d.id * 13) % 80, (d.id * 7) % 40,
+       now() - CASE WHEN d.id % 20 = 3 THEN interval '2 hours'
+                    ELSE (d.id % 20) * interval '1 minute' END
   FROM devices d
 ON CONFLICT (device_id) DO UPDATE SET use_state = excluded.use_state, battery = excluded.battery,
   zone_id = excluded.zone_id, floor = excluded.floor, x = excluded.x, y = excluded.y,

@@ -6,13 +6,20 @@
    with no rule enabled and with 1,000 rules enabled (hospital-wide,
    per-department and per-device thresholds on the frames' metrics, so every
    frame is evaluated against ~40 rules that stay quiet), twice each; the
-   ratio of the means;
+   ratio of the means. On a machine shared with other work the throughput
+   swings with their load, so ``ingest_cpu_ratio`` says the same from the
+   ingest processes' own CPU time per frame (without ÷ with rules), which
+   the neighbours barely move;
 2. alarm latency: ingest at half the throughput measured with the rules,
    by paced device connections (a process of their own), while a probe device
    sends a frame with SpO2 80 % (rule: < 90 %, critical): from the moment its
    bytes are written to the TCP port to the moment its "raised" event reaches
    an AlarmService.Watch client over gRPC (TLS, logged in as a clinician) —
-   then a normal frame clears it, and again.
+   then a normal frame clears it, and again. The Watch server runs in a
+   process of its own (as in the platform), apart from the probe, its client
+   and the load. ``alarm_raised_*``: the part until the rule fired (the
+   alarm's ``raised_us``); ``load_avg_1m_during_latency``: the machine's
+   load meanwhile (``cpus`` cores).
 
 Runs in its own database (rmiot_bench_alarms), created afresh. Last line:
 one JSON object.
@@ -25,6 +32,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +47,7 @@ import uvloop
 from common import fresh_database  # benches/common.py
 from loadgen import build_frames  # benches/loadgen.py
 
-from rmiot.config import Config
+from rmiot.config import Config, load
 from rmiot.core_ext import FLAG_ACK_REQ, encode_frame
 from rmiot.deploy import certs, cluster
 from rmiot.grpc_server import GrpcServer, channel
@@ -131,15 +139,29 @@ def set_rules(dsn: str, enabled: bool) -> int:
     return int(row[0]) if row else 0
 
 
-def loadgen(port: int, tenant: int, first: int, env: dict[str, str]) -> float:
-    """Full-speed frames/s over DEVICES connections (devices first .. first+N-1)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes used so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def loadgen(port: int, tenant: int, first: int, env: dict[str, str],
+            servers: list[int]) -> tuple[float, float]:
+    """Full-speed frames/s over DEVICES connections (devices first .. first+N-1),
+    and the ingest processes' CPU seconds per million frames meanwhile."""
+    cpu = cpu_seconds(servers)
     out = subprocess.run(
         [sys.executable, str(HERE / "loadgen.py"), "--port", str(port), "--tenant", str(tenant),
          "--first-device", str(first), "--devices", str(DEVICES), "--seconds", str(SECONDS),
          "--fields", "8", "--frames-per-device", str(max(1000, 3_000_000 // DEVICES))],
         capture_output=True, text=True, check=True, env=env)
     gen = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(gen["frames_ok"]) / float(gen["seconds"])
+    cpu = cpu_seconds(servers) - cpu
+    return float(gen["frames_ok"]) / float(gen["seconds"]), cpu * 1e6 / int(gen["frames_ok"])
 
 
 # -- paced load (a process of its own: --paced) ---------------------------------------
@@ -169,10 +191,13 @@ async def paced(args: argparse.Namespace) -> None:
     print(json.dumps({"sent": sum(sent)}), flush=True)
 
 
-# -- latency ------------------------------------------------------------------------
+# -- the Watch server (a process of its own: --watch) ---------------------------------
 
-async def latency(cfg: Config, hospital: int, probe: int, port: int,
-                  paced_cmd: list[str], env: dict[str, str]) -> list[float]:
+async def watch_server(hospital: int) -> None:
+    """What a platform process runs for alarms (security, the AlarmService with
+    its feed, escalation and notifier) behind gRPC with TLS, and a clinician of
+    the hospital to log in as. Prints ``PORT <n>``; stops on SIGTERM."""
+    cfg = load()
     certs.ensure_dev_ca(cfg.data_dir / "certs")
     cfg = dataclasses.replace(
         cfg, grpc=dataclasses.replace(cfg.grpc, port=0, mtls_port=0),
@@ -188,16 +213,41 @@ async def latency(cfg: Config, hospital: int, probe: int, port: int,
     server = GrpcServer(cfg, services=[*security.services(), alarms.service()],
                         interceptors=[security.interceptor])
     await server.start()
-    served = dataclasses.replace(cfg, grpc=dataclasses.replace(cfg.grpc, port=server.port))
     async with await psycopg.AsyncConnection.connect(security.dsn, autocommit=True) as conn:
         await identity.create_user(conn, "bench-nurse", PASSWORD, hospital, must_change=False)
     await security.authorizer.grant("user:bench-nurse", "clinician", hospital)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(f"PORT {server.port}", flush=True)
+    await stop.wait()
+    await server.stop(0)
+    await alarms.stop()
+    await security.stop()
+
+
+# -- latency ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Probes:
+    total_ms: list[float] = dataclasses.field(default_factory=list)   # frame -> Watch client
+    raised_ms: list[float] = dataclasses.field(default_factory=list)  # frame -> rule fired
+    load: list[float] = dataclasses.field(default_factory=list)       # 1-min load averages
+
+
+async def latency(cfg: Config, hospital: int, probe: int, port: int, watch_port: int,
+                  paced_cmd: list[str], env: dict[str, str]) -> Probes:
+    """Probe frames on the TCP port, their alarms read from a Watch stream of
+    the server process, while the paced load runs. ``raised_ms``: from the
+    frame's sending to the moment its rule fired (the alarm's ``raised_us``,
+    stamped by the ingest process as it starts writing the alarm); the rest of
+    ``total_ms`` is the alarm's write, NOTIFY, the feed and gRPC."""
+    served = dataclasses.replace(cfg, grpc=dataclasses.replace(cfg.grpc, port=watch_port))
     async with channel(served) as chan:
         token = (await auth_pb2_grpc.AuthServiceStub(chan).Login(
             auth_pb2.LoginRequest(username="bench-nurse", password=PASSWORD))).token
     load = await asyncio.create_subprocess_exec(*paced_cmd, env=env,
                                                 stdout=asyncio.subprocess.PIPE)
-    samples: list[float] = []
+    got = Probes()
     device = RmfClient("127.0.0.1", port)
     await device.connect()
     try:
@@ -210,7 +260,8 @@ async def latency(cfg: Config, hospital: int, probe: int, port: int,
             for _ in range(PROBES):
                 for value, wanted in ((80.0, "raised"), (98.0, "cleared")):
                     seq += 1
-                    raw = encode_frame(1, hospital, probe, seq, time.time_ns() // 1000,
+                    sent_us = time.time_ns() // 1000
+                    raw = encode_frame(1, hospital, probe, seq, sent_us,
                                        [(SPO2, 1, value)], flags=FLAG_ACK_REQ)
                     t0 = time.perf_counter()
                     device.send(raw, probe, seq)
@@ -221,16 +272,15 @@ async def latency(cfg: Config, hospital: int, probe: int, port: int,
                         if event.device_id == probe and event.kind == wanted:
                             break
                     if wanted == "raised":
-                        samples.append((time.perf_counter() - t0) * 1000)
+                        got.total_ms.append((time.perf_counter() - t0) * 1000)
+                        got.raised_ms.append((event.raised_us - sent_us) / 1000)
+                        got.load.append(os.getloadavg()[0])
                 await asyncio.sleep(0.02)
             stream.cancel()
     finally:
         await device.close()
         await load.wait()
-        await server.stop(0)
-        await alarms.stop()
-        await security.stop()
-    return samples
+    return got
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -258,11 +308,17 @@ def main() -> None:
             if not line.startswith("PORT "):
                 raise RuntimeError(f"ingest server did not start: {line!r}")
         rates: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         for enabled in (False, True, False, True):
             active = set_rules(dsn, enabled)
-            rates[enabled].append(loadgen(port, hospital, devices[0], env))
-            say(f"ingest with {active} rules enabled: {rates[enabled][-1]:,.0f} frames/s")
+            rate, per_million = loadgen(port, hospital, devices[0], env,
+                                        [server.pid for server in servers])
+            rates[enabled].append(rate)
+            cpu[enabled].append(per_million)
+            say(f"ingest with {active} rules enabled: {rate:,.0f} frames/s, "
+                f"{per_million:.2f} CPU s per million frames (load {os.getloadavg()[0]:.1f})")
         without, with_rules = statistics.mean(rates[False]), statistics.mean(rates[True])
+        result["ingest_cpu_ratio"] = statistics.mean(cpu[False]) / statistics.mean(cpu[True])
         result["rules_active"] = set_rules(dsn, True)
         half = with_rules / 2
         paced_cmd = [sys.executable, str(HERE / "bench_alarms.py"), "--paced",
@@ -270,16 +326,29 @@ def main() -> None:
                      "--devices", str(DEVICES), "--rate", str(half),
                      "--seconds", str(int(PROBES * 0.15) + 20)]
         say(f"latency: {PROBES} probes while ingesting {half:,.0f} frames/s (half of max)")
-        samples = uvloop.run(latency(cfg, hospital, probe, port, paced_cmd, env))
+        watch = subprocess.Popen([sys.executable, str(HERE / "bench_alarms.py"), "--watch",
+                                  "--hospital", str(hospital)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        servers.append(watch)
+        assert watch.stdout is not None
+        line = watch.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the Watch server did not start: {line!r}")
+        got = uvloop.run(latency(cfg, hospital, probe, port, int(line.split()[1]), paced_cmd,
+                                 env))
         result.update({
-            "alarm_latency_p50_ms": percentile(samples, 0.5),
-            "alarm_latency_p99_ms": percentile(samples, 0.99),
-            "alarm_latency_max_ms": max(samples),
+            "alarm_latency_p50_ms": percentile(got.total_ms, 0.5),
+            "alarm_latency_p99_ms": percentile(got.total_ms, 0.99),
+            "alarm_latency_max_ms": max(got.total_ms),
+            "alarm_raised_p50_ms": percentile(got.raised_ms, 0.5),
+            "alarm_raised_p99_ms": percentile(got.raised_ms, 0.99),
+            "load_avg_1m_during_latency": statistics.mean(got.load),
+            "cpus": os.cpu_count(),
             "ingest_frames_per_s_without_rules": without,
             "ingest_frames_per_s_with_rules": with_rules,
             "ingest_cost_ratio": with_rules / without,
             "load_frames_per_s_during_latency": half,
-            "latency_probes": len(samples),
+            "latency_probes": len(got.total_ms),
         })
     finally:
         for server in servers:
@@ -294,7 +363,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--paced" in sys.argv:
+    if "--watch" in sys.argv:
+        uvloop.run(watch_server(int(sys.argv[sys.argv.index("--hospital") + 1])))
+    elif "--paced" in sys.argv:
         p = argparse.ArgumentParser()
         p.add_argument("--paced", action="store_true")
         for name in ("port", "tenant", "first", "devices", "seconds"):

@@ -1,7 +1,13 @@
 """``rmiot alarms list|ack|clear|rules``: the operator's view of alarms and
 rules, straight on the database (``alarm_store``, ``alarm_admin``), within
 a tenant's subtree. Steps are recorded as the operator named with ``--by``
-(default ``operator:<login>``); people use AlarmService."""
+(default ``operator:<login>``); people use AlarmService.
+
+Every change (ack, clear, rules add, rules delete) lands in the audit chain
+as the RPCs' do: one record, method ``rmiot alarms <action>``, actor the
+``--by`` name, the machine login and process in ``source``, outcome ``ok`` or
+``error`` with the reason; the command fails when its record could not be
+committed."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import argparse
 import asyncio
 import datetime as dt
 import getpass
+import os
+import socket
 from typing import Any
 
 import orjson
@@ -20,6 +28,7 @@ from rmiot.ingest import alarm_admin, alarm_store
 from rmiot.ingest.alarm_admin import RuleSpec
 from rmiot.ingest.alarm_rules import KINDS, SEVERITIES, RuleError
 from rmiot.ingest.alarm_store import AlarmError, AlarmNotFound
+from rmiot.security.audit import AuditLog, AuditRecord, AuditUnavailable
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -54,9 +63,43 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_main(db.app_dsn(cfg), args))
-    except (AlarmNotFound, AlarmError, RuleError) as exc:
+        return asyncio.run(_audited(cfg, args))
+    except (AlarmNotFound, AlarmError, RuleError, AuditUnavailable) as exc:
         raise SystemExit(f"rmiot: {exc}") from None
+
+
+def _changes(args: argparse.Namespace) -> bool:
+    return args.action in ("ack", "clear") or (
+        args.action == "rules" and args.rule_action in ("add", "delete"))
+
+
+async def _audited(cfg: Config, args: argparse.Namespace) -> int:
+    dsn = db.app_dsn(cfg)
+    if not _changes(args):
+        return await _main(dsn, args)
+    audit = AuditLog(dsn, checkpoints=cfg.audit_checkpoints)
+    await audit.start()
+    action = args.action if args.action != "rules" else f"rules {args.rule_action}"
+    obj = f"alarm:{args.alarm}" if args.action != "rules" else \
+        f"rule:{args.id}" if args.rule_action == "delete" else f"rule:{args.code}"
+    detail: dict[str, Any] = {"comment": args.comment} if getattr(args, "comment", "") else {}
+    outcome = "error"
+    try:
+        await _main(dsn, args)
+        outcome = "ok"
+    except (AlarmNotFound, AlarmError, RuleError) as exc:
+        detail["error"] = str(exc)
+        raise
+    finally:
+        try:
+            audit.append(AuditRecord(
+                actor=args.by, tenant_id=args.tenant, method=f"rmiot alarms {action}",
+                object=obj, outcome=outcome,
+                source=f"cli:{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}",
+                detail=detail))
+        finally:
+            await audit.stop()  # raises AuditUnavailable when the record was not committed
+    return 0
 
 
 async def _main(dsn: str, args: argparse.Namespace) -> int:

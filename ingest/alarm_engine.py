@@ -1,5 +1,5 @@
 """The rule engine of one ingest process: which rules each device is under,
-and their evaluation on every committed record.
+and their evaluation on every accepted record.
 
 ``RuleBook`` keeps every rule and every device's profile (home tenant and its
 path, model, bound patient) in memory, following the database: LISTEN on
@@ -16,10 +16,13 @@ Two hooks in the pipeline (``ingest/pipeline.py``):
 - ``admit(frame)`` before a frame is batched, only when some filter rule
   exists: drop and downsample rules decide whether it is stored at all (a
   frame filtered out is acknowledged OK: it was handled as configured);
-- ``committed(frames)`` after the batch's acks went out: the evaluators run,
-  and what they produce (transitions, tags, linkage commands) is queued for the
-  ``AlarmWriter``, which writes it in transactions of its own. Acks never wait
-  for alarms, and a duplicate (already stored) is never evaluated twice.
+- ``accepted(frames)`` once the pipeline has queued a read's frames for the
+  batch writer: the evaluators run, and what they produce (transitions, tags,
+  linkage commands) is queued for the ``AlarmWriter``, which writes it in
+  transactions of its own, at once: an alarm does not wait for its frame's
+  batch to be written (nor the batch for the alarm). A frame older than the
+  newest one judged for its device (a retransmission whose ack was lost, or
+  late data) is not judged again: rules follow each device's latest state.
 
 Per-device state lives in this process: a device's connection stays on one
 process, so its frames arrive in order here. Alarms themselves live in the
@@ -205,8 +208,8 @@ class Bounds:
 class DevicePlan:
     """One device's evaluators: by metric, the offline watch, the filters."""
 
-    __slots__ = ("bounded", "by_metric", "empty", "energy", "filters", "offline", "patient",
-                 "stored_filters", "tenant")
+    __slots__ = ("bounded", "by_metric", "empty", "energy", "filters", "newest", "offline",
+                 "patient", "stored_filters", "tenant")
 
     def __init__(self, tenant: int, patient: int | None) -> None:
         self.tenant = tenant
@@ -218,6 +221,7 @@ class DevicePlan:
         self.stored_filters: list[FilterEval] = []  # tag / command: after commit
         self.energy: list[EnergyEval] = []
         self.empty = True
+        self.newest = 0  # ts_us of the newest frame judged
 
     def evaluators(self) -> Iterable[Evaluator]:
         seen: set[int] = set()
@@ -299,6 +303,8 @@ class Engine:
         kept = {(ev.rule.id, ev.rule.updated_at): ev for ev in old.evaluators()} \
             if old is not None and old is not _NO_PLAN else {}
         plan = DevicePlan(profile.home, profile.patient)
+        if old is not None:
+            plan.newest = old.newest
         for rule in rules:
             ev = kept.get((rule.id, rule.updated_at))
             if ev is None or ev.patient != profile.patient:
@@ -345,8 +351,8 @@ class Engine:
                 return False
         return True
 
-    def committed(self, frames: Iterable[Frame]) -> None:
-        """Evaluate committed (newly stored) frames."""
+    def accepted(self, frames: Iterable[Frame]) -> None:
+        """Evaluate frames the pipeline accepted (queued to be stored)."""
         plans = self.plans
         before = len(self.transitions) + len(self.tags) + len(self.linkages)
         now = 0.0
@@ -358,13 +364,16 @@ class Engine:
             if plan.empty:
                 continue
             self.evaluated += 1
+            ts = frame.ts_us
             if plan.offline is not None:
                 if not now:
                     now = self.clock()
-                plan.offline.seen(now, frame.ts_us)
+                plan.offline.seen(now, ts)
+            if ts < plan.newest:
+                continue
+            plan.newest = ts
             if plan.bounded or plan.by_metric:
                 numeric = frame.numeric()
-                ts = frame.ts_us
                 for metric, bounds in plan.bounded.items():
                     value = numeric.get(metric)
                     if value is None or (bounds.calm and bounds.lo < value < bounds.hi):

@@ -39,10 +39,10 @@ BATCH = 500
 class EscalationRunner:
     def __init__(self, dsn: str, audit: AuditSink | None = None,
                  clock: Callable[[], float] = time.time, interval_s: float = 1.0) -> None:
-        self.dsn = dsn
         self.audit = audit
         self.clock = clock
         self.interval_s = interval_s
+        self._db = alarm_store.StandingConnection(dsn)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -54,6 +54,7 @@ class EscalationRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._db.close()
 
     async def _run(self) -> None:
         while True:
@@ -67,8 +68,12 @@ class EscalationRunner:
         """Take every step due at ``now`` (default: the clock); returns the events."""
         at = dt.datetime.fromtimestamp(self.clock() if now is None else now, dt.UTC)
         events: list[Event] = []
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn, \
-                alarm_store.locked(conn):
+        conn = await self._db.get()
+        cur = await conn.execute(b"SELECT 1 FROM alarms WHERE state = 'active' "
+                                 b"AND next_escalation_at <= %s LIMIT 1", (at,))
+        if await cur.fetchone() is None:  # the usual second: no lock taken
+            return events
+        async with alarm_store.locked(conn):
             cur = await conn.execute(
                 b"SELECT a.id, a.raised_at, a.escalation_step, a.severity, r.escalation "
                 b"FROM alarms a JOIN alarm_rules r ON r.id = a.rule_id "

@@ -74,6 +74,7 @@ class Notifier:
         self.publish = publish  # MQTT: (topic, payload); None: mqtt channels fail
         self.clock = clock
         self.poll_s = poll_s
+        self._db = alarm_store.StandingConnection(dsn)
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -89,6 +90,7 @@ class Notifier:
             self._task = None
         if self._http is not None:
             await self._http.close()
+        await self._db.close()
 
     async def _run(self) -> None:
         delay = 0.1
@@ -111,37 +113,37 @@ class Notifier:
     async def deliver_due(self) -> int:
         """Send every delivery due now, concurrently; returns how many were tried."""
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                b"UPDATE alarm_deliveries SET next_attempt_at = %s WHERE id IN ("
-                b"SELECT id FROM alarm_deliveries WHERE state = 'pending' "
-                b"AND next_attempt_at <= %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
-                b"RETURNING id, event_id, channel_id, attempts",
-                (now + dt.timedelta(seconds=LEASE_S), now, BATCH))
-            claimed = await cur.fetchall()
-            if not claimed:
-                return 0
-            results = await asyncio.gather(*(self._attempt(conn, *row) for row in claimed))
-            for (delivery, _, _, attempts), (ok, status, error, max_attempts, backoff) in zip(
-                    claimed, results, strict=True):
-                tries = attempts + 1
-                done = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-                if ok:
-                    await conn.execute(
-                        b"UPDATE alarm_deliveries SET state = 'delivered', attempts = %s, "
-                        b"delivered_at = %s, response_status = %s, last_error = NULL "
-                        b"WHERE id = %s", (tries, done, status, delivery))
-                    continue
-                dead = tries >= max_attempts
-                wait = min(backoff * 2 ** (tries - 1), MAX_BACKOFF_S)
+        conn = await self._db.get()
+        cur = await conn.execute(
+            b"UPDATE alarm_deliveries SET next_attempt_at = %s WHERE id IN ("
+            b"SELECT id FROM alarm_deliveries WHERE state = 'pending' "
+            b"AND next_attempt_at <= %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            b"RETURNING id, event_id, channel_id, attempts",
+            (now + dt.timedelta(seconds=LEASE_S), now, BATCH))
+        claimed = await cur.fetchall()
+        if not claimed:
+            return 0
+        results = await asyncio.gather(*(self._attempt(conn, *row) for row in claimed))
+        for (delivery, _, _, attempts), (ok, status, error, max_attempts, backoff) in zip(
+                claimed, results, strict=True):
+            tries = attempts + 1
+            done = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+            if ok:
                 await conn.execute(
-                    b"UPDATE alarm_deliveries SET state = %s, attempts = %s, "
-                    b"next_attempt_at = %s, response_status = %s, last_error = %s WHERE id = %s",
-                    ("dead" if dead else "pending", tries, done + dt.timedelta(seconds=wait),
-                     status, error, delivery))
-                if dead:
-                    log.error("alarm notification dead-lettered", extra={
-                        "delivery": delivery, "attempts": tries, "error": error})
+                    b"UPDATE alarm_deliveries SET state = 'delivered', attempts = %s, "
+                    b"delivered_at = %s, response_status = %s, last_error = NULL "
+                    b"WHERE id = %s", (tries, done, status, delivery))
+                continue
+            dead = tries >= max_attempts
+            wait = min(backoff * 2 ** (tries - 1), MAX_BACKOFF_S)
+            await conn.execute(
+                b"UPDATE alarm_deliveries SET state = %s, attempts = %s, "
+                b"next_attempt_at = %s, response_status = %s, last_error = %s WHERE id = %s",
+                ("dead" if dead else "pending", tries, done + dt.timedelta(seconds=wait),
+                 status, error, delivery))
+            if dead:
+                log.error("alarm notification dead-lettered", extra={
+                    "delivery": delivery, "attempts": tries, "error": error})
         return len(claimed)
 
     async def _attempt(self, conn: psycopg.AsyncConnection[Any], delivery: int, event_id: int,

@@ -9,7 +9,8 @@ once). Every call is audited by the interceptor; the steps themselves are
 alarm events.
 
 ``AlarmServices`` bundles what one platform process runs for alarms: the
-feed under Watch, the escalation runner and the notifier.
+feed under Watch, the escalation runner and the notifier (with its MQTT
+connection, when given one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from rmiot.ingest import alarm_admin, alarm_store
 from rmiot.ingest.alarm_admin import Channel, RuleSpec
 from rmiot.ingest.alarm_escalation import EscalationRunner
 from rmiot.ingest.alarm_feed import AlarmFeed
-from rmiot.ingest.alarm_notify import Notifier, Publish
+from rmiot.ingest.alarm_mqtt import AlarmPublisher
+from rmiot.ingest.alarm_notify import Notifier
 from rmiot.ingest.alarm_rules import RANK, SEVERITIES, Rule, RuleError
 from rmiot.ingest.alarm_store import Alarm, AlarmError, AlarmNotFound, Event, to_us
 from rmiot.ingest.alarm_writer import AuditSink
@@ -306,15 +308,18 @@ class AlarmServices:
 
     def __init__(self, dsn: str, pool: AsyncConnectionPool, authorizer: Authorizer,
                  keyring: Keyring, audit: AuditSink | None,
-                 publish: Publish | None = None) -> None:
+                 mqtt: AlarmPublisher | None = None) -> None:
         self.feed = AlarmFeed(dsn)
         self.escalation = EscalationRunner(dsn, audit)
-        self.notifier = Notifier(dsn, keyring, publish)
+        self.mqtt = mqtt  # None: MQTT channels fail (and dead-letter)
+        self.notifier = Notifier(dsn, keyring, mqtt.publish if mqtt is not None else None)
         self.servicer = AlarmServicer(pool, authorizer, self.feed, keyring)
 
     async def start(self) -> None:
         await self.feed.start()
         await self.escalation.start()
+        if self.mqtt is not None:
+            await self.mqtt.start()
         await self.notifier.start()
 
     def service(self) -> Service:
@@ -323,5 +328,7 @@ class AlarmServices:
 
     async def stop(self) -> None:
         await self.notifier.stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         await self.escalation.stop()
         await self.feed.stop()

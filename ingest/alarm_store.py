@@ -104,6 +104,29 @@ def from_us(us: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=us)
 
 
+class StandingConnection:
+    """One autocommit connection kept open between uses (the alarm writer,
+    escalation runner and notifier each hold one): ``get`` hands it out, or
+    a new one when it was never opened or is lost."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: AsyncConn | None = None
+
+    async def get(self) -> AsyncConn:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            await self.close()
+            conn = self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        return conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def locked(conn: AsyncConn) -> AsyncIterator[AsyncConn]:
     """A transaction holding the alarm lock (event ids in commit order)."""
@@ -112,16 +135,29 @@ async def locked(conn: AsyncConn) -> AsyncIterator[AsyncConn]:
         yield conn
 
 
+# The event columns a step returns, from a CTE ``e`` (the event inserted) and
+# ``a`` (its alarm as the statement left it): one statement, one round trip.
+_STEP_RETURNS = (b"SELECT e.id, e.alarm_id, e.tenant_id, e.at, e.kind, e.actor, e.severity, "
+                 b"e.state, e.detail, a.device_id, a.rule_code, a.message, a.raised_at "
+                 b"FROM e JOIN a ON a.id = e.alarm_id")
+_EVENT_FROM_A = (b"e AS (INSERT INTO alarm_events (alarm_id, tenant_id, kind, actor, severity, "
+                 b"state, detail) SELECT a.id, a.tenant_id, %s, %s, a.severity, a.state, %s "
+                 b"FROM a RETURNING id, alarm_id, tenant_id, at, kind, actor, severity, state, "
+                 b"detail) ")
+_A_COLUMNS = b"RETURNING id, tenant_id, severity, state, device_id, rule_code, message, raised_at"
+
+
+def _detail(detail: dict[str, Any] | None) -> Jsonb | None:
+    return Jsonb(detail) if detail is not None else None
+
+
 async def add_event(conn: AsyncConn, alarm_id: int, kind: str, actor: str,
                     detail: dict[str, Any] | None = None) -> Event:
     """Record a step of the alarm (inside ``locked``), with its state now."""
     cur = await conn.execute(
-        b"INSERT INTO alarm_events (alarm_id, tenant_id, kind, actor, severity, state, detail) "
-        b"SELECT id, tenant_id, %s, %s, severity, state, %s FROM alarms WHERE id = %s "
-        b"RETURNING id", (kind, actor, Jsonb(detail) if detail is not None else None, alarm_id))
-    row = await cur.fetchone()
-    assert row is not None
-    cur = await conn.execute((EVENT_SQL + " WHERE e.id = %s").encode(), (row[0],))
+        b"WITH a AS (SELECT id, tenant_id, severity, state, device_id, rule_code, message, "
+        b"raised_at FROM alarms WHERE id = %s), " + _EVENT_FROM_A + _STEP_RETURNS,
+        (alarm_id, kind, actor, _detail(detail)))
     got = await cur.fetchone()
     assert got is not None
     return Event(*got)
@@ -129,42 +165,58 @@ async def add_event(conn: AsyncConn, alarm_id: int, kind: str, actor: str,
 
 async def raise_alarm(conn: AsyncConn, t: Transition, now: dt.datetime,
                       first_deadline_s: float | None) -> Event | None:
-    """Open the alarm of a transition "raise" (None: one is open already)."""
+    """Open the alarm of a transition "raise" (None: one is open already).
+    One statement: the alarm and its "raised" event."""
+    return await fetch_step(await send_raise(conn, t, now, first_deadline_s))
+
+
+async def send_raise(conn: AsyncConn, t: Transition, now: dt.datetime,
+                     first_deadline_s: float | None) -> psycopg.AsyncCursor[Any]:
+    """``raise_alarm``'s statement, sent (in pipeline mode: queued); its
+    result is read with ``fetch_step``."""
     rule = t.rule
     deadline = now + dt.timedelta(seconds=first_deadline_s) \
         if first_deadline_s is not None else None
-    cur = await conn.execute(
-        b"INSERT INTO alarms (rule_id, rule_code, kind, tenant_id, device_id, patient_id, "
-        b"subject, severity, message, value, latching, onset_at, raised_at, "
+    return await conn.execute(
+        b"WITH a AS (INSERT INTO alarms (rule_id, rule_code, kind, tenant_id, device_id, "
+        b"patient_id, subject, severity, message, value, latching, onset_at, raised_at, "
         b"next_escalation_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-        b"ON CONFLICT (rule_id, subject) WHERE state <> 'cleared' DO NOTHING RETURNING id",
+        b"ON CONFLICT (rule_id, subject) WHERE state <> 'cleared' DO NOTHING " + _A_COLUMNS
+        + b"), " + _EVENT_FROM_A + _STEP_RETURNS,
         (rule.id, rule.code, rule.kind, t.tenant, t.device, t.patient, t.subject,
          rule.severity, t.message, t.value, bool(rule.params.get("latching", False)),
-         from_us(t.ts_us), now, deadline))
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    return await add_event(conn, row[0], "raised", SYSTEM,
-                           {"value": t.value, "onset_us": t.ts_us})
+         from_us(t.ts_us), now, deadline,
+         "raised", SYSTEM, Jsonb({"value": t.value, "onset_us": t.ts_us})))
 
 
 async def condition_ended(conn: AsyncConn, t: Transition, now: dt.datetime) -> Event | None:
     """The condition of a transition "normal" ended: clear the open alarm, or
     (latching, unacknowledged) mark it normal. None: no alarm was open."""
-    cur = await conn.execute(
-        b"UPDATE alarms SET normal_at = %s, updated_at = %s, "
+    return await fetch_step(await send_condition_ended(conn, t, now))
+
+
+async def send_condition_ended(conn: AsyncConn, t: Transition,
+                               now: dt.datetime) -> psycopg.AsyncCursor[Any]:
+    """``condition_ended``'s statement, sent; read with ``fetch_step``."""
+    return await conn.execute(
+        b"WITH a AS (UPDATE alarms SET normal_at = %s, updated_at = %s, "
         b"state = CASE WHEN latching AND state = 'active' THEN state ELSE 'cleared' END, "
         b"cleared_at = CASE WHEN latching AND state = 'active' THEN NULL ELSE %s END, "
         b"cleared_by = CASE WHEN latching AND state = 'active' THEN NULL ELSE %s END, "
         b"next_escalation_at = CASE WHEN latching AND state = 'active' "
         b"THEN next_escalation_at END "
-        b"WHERE rule_id = %s AND subject = %s AND state <> 'cleared' RETURNING id, state",
-        (from_us(t.ts_us), now, now, SYSTEM, t.rule.id, t.subject))
+        b"WHERE rule_id = %s AND subject = %s AND state <> 'cleared' " + _A_COLUMNS + b"), "
+        + _EVENT_FROM_A.replace(b"SELECT a.id, a.tenant_id, %s,",
+                                b"SELECT a.id, a.tenant_id, CASE WHEN a.state = 'cleared' "
+                                b"THEN 'cleared' ELSE 'normal' END,") + _STEP_RETURNS,
+        (from_us(t.ts_us), now, now, SYSTEM, t.rule.id, t.subject,
+         SYSTEM, Jsonb({"value": t.value, "at_us": t.ts_us})))
+
+
+async def fetch_step(cur: psycopg.AsyncCursor[Any]) -> Event | None:
+    """The event a sent step made (None: the step had nothing to do)."""
     row = await cur.fetchone()
-    if row is None:
-        return None
-    kind = "cleared" if row[1] == "cleared" else "normal"
-    return await add_event(conn, row[0], kind, SYSTEM, {"value": t.value, "at_us": t.ts_us})
+    return Event(*row) if row is not None else None
 
 
 async def _open_for_update(conn: AsyncConn, scope: int, alarm_id: int) -> Alarm:

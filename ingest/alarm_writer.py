@@ -1,8 +1,11 @@
-"""AlarmWriter: what the rule engine produced, written after the telemetry
-commit in transactions of its own, so acks never wait for alarms.
+"""AlarmWriter: what the rule engine produced, written in transactions of its
+own, beside the telemetry batches: acks never wait for alarms, nor alarms for
+the batch their frame is in.
 
 One task per ingest process, woken by the engine: transitions become alarms
-and events (``alarm_store``; one transaction for all waiting), tags become
+and events (``alarm_store``; one transaction for all waiting, sent in
+pipeline mode: the lock, one statement per alarm with its event, and the
+commit cost one round trip), tags become
 ``telemetry_tags`` rows, linkage rules queue their commands
 (``registry.commands.queue``, the rule's tenant as scope, actor
 ``rule:<id>``). Every alarm step it writes is also appended to the audit
@@ -111,11 +114,12 @@ class AlarmWriter:
         self.on_event: Callable[[Event], None] = lambda event: None
         self._bell = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._db = alarm_store.StandingConnection(dsn)
+        self._sweep_db = alarm_store.StandingConnection(dsn)  # never inside a write
         engine.wake = self._bell.set
 
     async def start(self) -> None:
-        self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await self._db.get()
         self._tasks = [asyncio.create_task(self._run(), name="alarm-writer"),
                        asyncio.create_task(self._sweep(), name="alarm-sweeper")]
 
@@ -126,9 +130,8 @@ class AlarmWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._conn is not None:
-            await self._conn.close()
-
+        await self._db.close()
+        await self._sweep_db.close()
 
     async def _run(self) -> None:
         delay = 0.1
@@ -141,21 +144,12 @@ class AlarmWriter:
             except psycopg.OperationalError as exc:
                 log.warning("alarm writer: database unavailable; retrying",
                             extra={"error": str(exc).strip(), "retry_s": delay})
-                await self._reconnect()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 self._bell.set()
 
-    async def _reconnect(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._conn is not None:
-                await self._conn.close()
-        with contextlib.suppress(psycopg.OperationalError):
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-
     async def write_waiting(self) -> None:
-        engine, conn = self.engine, self._conn
-        assert conn is not None
+        engine, conn = self.engine, await self._db.get()
         if engine.transitions:
             waiting = list(engine.transitions)
             events = await self._transitions(conn, waiting)
@@ -188,18 +182,19 @@ class AlarmWriter:
 
     async def _transitions(self, conn: psycopg.AsyncConnection[Any],
                            waiting: list[Transition]) -> list[Event]:
+        """One transaction for all waiting, in pipeline mode: the lock, one
+        statement per transition (alarm and event together) and the commit
+        go out in one round trip."""
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        events: list[Event] = []
-        async with alarm_store.locked(conn):
-            for t in waiting:
-                if t.kind == "raise":
-                    first = t.rule.escalation.next_deadline_s(0, 0.0)
-                    event = await alarm_store.raise_alarm(conn, t, now, first)
-                else:
-                    event = await alarm_store.condition_ended(conn, t, now)
-                if event is not None:
-                    events.append(event)
-        return events
+        async with conn.pipeline():
+            async with alarm_store.locked(conn):
+                sent = [await alarm_store.send_raise(
+                            conn, t, now, t.rule.escalation.next_deadline_s(0, 0.0))
+                        if t.kind == "raise" else
+                        await alarm_store.send_condition_ended(conn, t, now)
+                        for t in waiting]
+            found = [await alarm_store.fetch_step(cur) for cur in sent]
+        return [event for event in found if event is not None]
 
     # -- once a second ----------------------------------------------------------
 
@@ -211,11 +206,9 @@ class AlarmWriter:
             except psycopg.OperationalError as exc:
                 log.warning("alarm sweep: database unavailable",
                             extra={"error": str(exc).strip()})
-                await self._reconnect()
 
     async def sweep_once(self) -> None:
-        conn = self._conn
-        assert conn is not None
+        conn = await self._sweep_db.get()
         engine = self.engine
         while engine.to_seed:
             device, energy = engine.to_seed.pop()

@@ -51,9 +51,7 @@ import json
 import logging
 import os
 import socket
-import ssl
 from collections import deque
-from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -63,7 +61,7 @@ from paho.mqtt.properties import Properties
 from rmiot.config import Config
 from rmiot.core_ext.jsonform import JsonFormError
 from rmiot.ingest.answers import STATUS_NAMES, commands_json
-from rmiot.ingest.broker_login import NoBrokerLogin, read_login
+from rmiot.ingest.broker_login import NoBrokerLogin, client_options
 from rmiot.ingest.payload import device_id, json_events, rmf_events
 from rmiot.ingest.pipeline import Pipeline
 from rmiot.ingest.sessions import DeviceSession, ReadGate, Sessions, read_downlink
@@ -150,21 +148,12 @@ class MqttAdapter:
     # -- the broker connection ------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
-        url = urlsplit(self.cfg.broker.url) if self.cfg.broker.url else None
-        host = (url.hostname if url else None) or self.cfg.broker.host
-        port = (url.port if url else None) or (8883 if url and url.scheme == "mqtts" else
-                                                 1883 if url else self.cfg.broker.port)
-        tls = None
-        if url is not None and url.scheme == "mqtts":
-            ca = self.cfg.tls_path("ca_file")
-            tls = ssl.create_default_context(cafile=str(ca) if ca.exists() else None)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self.cfg.mqtt.receive_maximum
-        user, password = read_login(self.cfg)
         return aiomqtt.Client(
-            host, port, username=user, password=password, protocol=V5, properties=props,
+            **client_options(self.cfg), protocol=V5, properties=props,
             identifier=f"rmiot-ingest-{socket.gethostname()}-{os.getpid()}-{id(self):x}",
-            clean_start=True, keepalive=30, tls_context=tls, max_inflight_messages=1000,
+            clean_start=True, keepalive=30, max_inflight_messages=1000,
             # Acks go out at once, not after Nagle's wait for the broker's delayed ACK.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 

@@ -35,8 +35,9 @@ COMMAND_RESULT frames go to it after their acks (stored like any other frame).
 
 Alarm rules (``alarms``, an ``ingest.alarm_engine.Engine``, when set): drop and
 downsample rules decide in ``accept`` whether a frame is stored (one filtered
-out is acked OK at once: it was handled as configured); the newly stored frames
-of each committed batch are evaluated after their acks went out.
+out is acked OK at once: it was handled as configured); the frames of each
+``accept`` call that are queued for storing are evaluated at its end, so an
+alarm never waits for its frame's batch (``Engine.accepted``).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class Pipeline:
         tenant_budget: dict[int, int] = {}
         groups = _ReadGroups(events)
         alarms = self.alarms if self.alarms is not None and self.alarms.filtering else None
+        queued_before = len(batch)
         for ev in events:
             if type(ev) is not Frame:
                 stats[ev.code] += 1
@@ -219,6 +221,8 @@ class Pipeline:
                 nacks += encode_ack(ev.tenant, ev.device, ev.seq, now_us, status)
         if nacks:
             sink.send(bytes(nacks))
+        if self.alarms is not None and len(batch) > queued_before:
+            self.alarms.accepted(batch.frames[queued_before:])
         if observability.METERING:
             self._count(events, sink, groups)
         if batch.frames and observability.TRACING:
@@ -342,10 +346,6 @@ class Pipeline:
             sink.send(bytes(data))
         if results and self.dispatcher is not None:
             self.dispatcher.results(results)
-        if self.alarms is not None:
-            self.alarms.committed(batch.frames if not duplicates and not rejected else
-                                  [f for f in batch.frames if frame_key(f) not in duplicates
-                                   and frame_key(f) not in rejected])
         self.pending_rows -= len(batch)
         if batch.trace is not None:
             batch.trace.acked_ns = time.time_ns()

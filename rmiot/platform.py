@@ -24,6 +24,7 @@ from rmiot.deploy import broker, certs, cluster, migrate, replica
 from rmiot.deploy.broker_auth import BrokerAuthSync
 from rmiot.grpc_server import GrpcServer, Service
 from rmiot.ingest import alarm_service, push
+from rmiot.ingest.alarm_mqtt import AlarmPublisher
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.simulator import Simulation, report, start_simulation
 from rmiot.ingest.uplink import Uplink
@@ -105,7 +106,8 @@ class Api:
         security.add_rules(ops_service.RULES)
         self.ops = ops_service.OpsServices(security.dsn, OpsEnergy(security.dsn))
         self.alarms = alarm_service.AlarmServices(
-            security.dsn, security.pool, security.authorizer, security.keyring, security.audit)
+            security.dsn, security.pool, security.authorizer, security.keyring, security.audit,
+            mqtt=AlarmPublisher(security.cfg))
 
     async def start(self) -> None:
         await self.registry.start()

@@ -1,6 +1,6 @@
 """AlarmService through the real TLS gRPC server and the security
 interceptor; escalation with an injectable clock; webhooks against a real
-local HTTP server."""
+local HTTP server; MQTT channels through the real broker."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiomqtt
 import grpc
 import orjson
 import psycopg
@@ -27,8 +28,10 @@ from rmiot.ingest import alarm_admin, alarm_store
 from rmiot.ingest.alarm_admin import Channel
 from rmiot.ingest.alarm_escalation import EscalationRunner
 from rmiot.ingest.alarm_eval import Transition
+from rmiot.ingest.alarm_mqtt import AlarmPublisher
 from rmiot.ingest.alarm_rules import Rule
 from rmiot.ingest.alarm_service import RULES, AlarmServices
+from rmiot.ingest.broker_login import client_options
 from rmiot.proto import alarm_pb2, alarm_pb2_grpc, auth_pb2, auth_pb2_grpc
 from rmiot.registry import store
 from rmiot.security import identity
@@ -74,7 +77,8 @@ class Wards:
 
 
 @pytest.fixture
-async def wards(dev_certs: Config, database: str) -> AsyncIterator[Wards]:
+async def wards(dev_certs: Config, database: str, mqtt: tuple[str, int]
+                ) -> AsyncIterator[Wards]:
     run = f"{next(_run)}{time.time_ns() % 10**9}"
     cfg = dataclasses.replace(
         dev_certs, grpc=dataclasses.replace(dev_certs.grpc, port=0, mtls_port=0),
@@ -91,7 +95,7 @@ async def wards(dev_certs: Config, database: str) -> AsyncIterator[Wards]:
     await security.start()
     assert security.pool is not None
     alarms = AlarmServices(security.dsn, security.pool, security.authorizer, security.keyring,
-                           security.audit)
+                           security.audit, mqtt=AlarmPublisher(cfg))
     await alarms.start()
     server = GrpcServer(cfg, services=[*security.services(), alarms.service()],
                         interceptors=[security.interceptor])
@@ -271,6 +275,7 @@ async def test_escalation_walks_its_deadlines_by_the_injected_clock(wards: Wards
     assert [m for (m,) in audited if m.startswith("alarm.")] == [
         "alarm.escalated", "alarm.renotified", "alarm.renotified", "alarm.escalated",
         "alarm.renotified"]
+    await runner.stop()  # closes its connection
 
 
 @pytest.fixture
@@ -336,3 +341,27 @@ async def test_webhook_is_signed_retried_with_backoff_and_dead_lettered(
 
 async def _state_is(dsn: str, channel_id: int, want: list[tuple[str, int]]) -> bool:
     return await deliveries(dsn, channel_id) == want
+
+
+async def test_mqtt_channel_reaches_a_subscribed_client(wards: Wards) -> None:
+    topic = f"hospital-{wards.hospital_a}/alarms/{time.time_ns()}"
+    async with await psycopg.AsyncConnection.connect(wards.dsn, autocommit=True) as conn:
+        mqtt_channel = await alarm_admin.put_channel(
+            conn, wards.hospital_a, 0, wards.security.keyring,
+            Channel(0, wards.hospital_a, "mqtt", topic, "major", ["raised"], 3, 0.05, True),
+            b"", "user:test")
+    assert wards.alarms.mqtt is not None
+    async with asyncio.timeout(10):
+        await wards.alarms.mqtt.connected.wait()
+    rule = await put_rule(wards.dsn, wards.hospital_a, "threshold", SPO2)
+    async with aiomqtt.Client(**client_options(wards.cfg),
+                              identifier=f"alarm-test-{time.time_ns()}") as hospital_system:
+        await hospital_system.subscribe(topic, qos=1)
+        alarm = await raise_alarm(wards.dsn, rule, wards.hospital_a, wards.device_a)
+        async with asyncio.timeout(10):
+            message = await anext(aiter(hospital_system.messages))
+    assert isinstance(message.payload, bytes)
+    body = orjson.loads(message.payload)
+    assert (body["alarm_id"], body["kind"], body["device_id"]) == (
+        alarm, "raised", wards.device_a)
+    await until(lambda: _state_is(wards.dsn, mqtt_channel.id, [("delivered", 1)]))

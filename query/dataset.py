@@ -142,7 +142,9 @@ def configured(cfg: Config, database: str) -> Config:
 
 def existing(cfg: Config) -> DatasetInfo | None:
     """The dataset recorded in the configured database, if one was completed
-    under the schema the migrations describe now (else it is built again)."""
+    under the migrations there are now, or under some of them: then the newer
+    ones are applied, as on an upgrade. A migration changed since it was
+    applied means another schema: None (it is built again)."""
     try:
         with db.connect(db.app_dsn(cfg)) as conn:
             row = conn.execute("SELECT to_regclass('dataset_info') IS NOT NULL").fetchone()
@@ -154,10 +156,11 @@ def existing(cfg: Config) -> DatasetInfo | None:
                                "FROM dataset_info").fetchone()
     except db.DatabaseUnreachable:
         return None
-    if applied != {m.version: m.checksum for m in migrate.available()}:
+    now = {m.version: m.checksum for m in migrate.available()}
+    if got is None or any(now.get(version) != checksum for version, checksum in applied.items()):
         return None
-    if got is None:
-        return None
+    if applied != now:
+        migrate.migrate(db.admin_dsn(cfg))
     spec, *rest = got
     return DatasetInfo(DatasetSpec(**spec), *rest)
 

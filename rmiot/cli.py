@@ -189,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     from rmiot.ingest import alarm_cli, simulator
     from rmiot.query import cli as query_cli
     from rmiot.query import dataset_cli
-    from rmiot.registry import importer
+    from rmiot.registry import credentials_cli, importer
     from rmiot.security import audit_cli, keys_cli, users_cli
     from rmiot.tenants import cli as tenants_cli
 
-    for module in (tenants_cli, importer, users_cli, keys_cli, audit_cli, backup_cli,
-                   destroy_cli, simulator, query_cli, dataset_cli, alarm_cli, ops_cli):
+    for module in (tenants_cli, importer, credentials_cli, users_cli, keys_cli, audit_cli,
+                   backup_cli, destroy_cli, simulator, query_cli, dataset_cli, alarm_cli, ops_cli):
         module.add_parser(sub).set_defaults(handler=_delegate(module.main))
     p = add("frame", cmd_frame, "decode or encode RMF v1 frames (a vendor's debugging tool)")
     p.add_argument("action", choices=["decode", "encode"],

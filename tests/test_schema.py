@@ -36,8 +36,12 @@ def test_telemetry_chunking_and_single_unique_index(admin_dsn: str) -> None:
     assert "(device_id, ts DESC, seq)" in indexes[0][0]
 
 
+# Far above the device id sequence: other suites' devices never get this id.
+UNREGISTERED = (1 << 62) + 42
+
+
 def test_retransmission_cannot_store_twice(database: str) -> None:
-    row = ("2026-11-01 00:00:00+00", 42, 7, 1, 1, [1, 2], [72.0, 98.0])
+    row = ("2026-11-01 00:00:00+00", UNREGISTERED, 7, 1, 1, [1, 2], [72.0, 98.0])
     insert = ("INSERT INTO telemetry (ts, device_id, tenant_id, seq, kind, metrics, vals) "
               "VALUES (%s, %s, %s, %s, %s, %s, %s)")
     with psycopg.connect(database) as conn:
@@ -46,7 +50,8 @@ def test_retransmission_cannot_store_twice(database: str) -> None:
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(insert, row)
         conn.rollback()
-        count = conn.execute("SELECT count(*) FROM telemetry WHERE device_id = 42").fetchone()
+        count = conn.execute("SELECT count(*) FROM telemetry WHERE device_id = %s",
+                             (UNREGISTERED,)).fetchone()
     assert count == (1,)
 
 

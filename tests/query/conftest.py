@@ -140,7 +140,7 @@ def _build(database: str, admin_dsn: str, cfg: Config, keys_dir: Path) -> Distri
 def _devices(conn: psycopg.Connection[Any], hospital: int, department: int, model: int,
              count: int) -> list[int]:
     # Ids far above the sequence's: other suites' tests name small ids outright
-    # (tests/test_schema.py writes telemetry for device 42 and counts it).
+    # (and registered devices get small ids from the sequence).
     rows = conn.execute(
         "INSERT INTO devices (id, tenant_id, department_id, model_id, state, serial_no) "
         "SELECT 5000000000 + nextval('device_id_seq'), %s, %s, %s, 'active', "

@@ -215,11 +215,14 @@ class Observability:
         return f"http://{self.cfg.prometheus_host}:{self.prometheus_port}/metrics"
 
     async def stop(self) -> None:
-        """Flush and uninstall (hooks are no-ops again)."""
+        """Flush and uninstall what this one installed (its hooks are no-ops again)."""
         global TRACING, METERING, _tracer, instruments
-        TRACING = METERING = False
-        _tracer = trace.NoOpTracer()
-        instruments = Instruments.of(metrics.NoOpMeterProvider().get_meter("rmiot"))
+        if self.tracer_provider is not None:
+            TRACING = False
+            _tracer = trace.NoOpTracer()
+        if self.meter_provider is not None:
+            METERING = False
+            instruments = Instruments.of(metrics.NoOpMeterProvider().get_meter("rmiot"))
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

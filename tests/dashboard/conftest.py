@@ -17,9 +17,12 @@ import psycopg
 import pyotp
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from playwright.async_api import Browser, async_playwright
 
-from rmiot.config import Config
+from rmiot.config import Config, OtelConfig
+from rmiot.observability import Observability
 from rmiot.platform import Platform
 from rmiot.registry import store
 from rmiot.security import identity
@@ -48,6 +51,7 @@ class City:
     device_b: int
     totp: dict[str, str]  # user -> TOTP secret
     stamp: int
+    spans: InMemorySpanExporter  # every span the platform made
 
     def user(self, name: str) -> str:
         return f"{name}-{self.stamp}"
@@ -82,6 +86,9 @@ async def city(dev_certs: Config, database: str,
         conn.execute("UPDATE devices SET department_id = %s WHERE id = %s",
                      (department_a, device_a))
         device_b = store.register_device(conn, hospital_b, serial_no=f"mon-b-{stamp}")
+    spans = InMemorySpanExporter()
+    observability = Observability(OtelConfig(), span_processors=[SimpleSpanProcessor(spans)])
+    await observability.start()
     platform = Platform(cfg)
     await platform.start()
     assert platform.security is not None and platform.dashboard is not None
@@ -100,9 +107,10 @@ async def city(dev_certs: Config, database: str,
                    code="hr-high", severity="critical")
     try:
         yield City(platform, platform.dashboard.url, database, region, hospital_a, department_a,
-                   hospital_b, device_a, device_b, totp, stamp)
+                   hospital_b, device_a, device_b, totp, stamp, spans)
     finally:
         await platform.stop()
+        await observability.stop()
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,23 @@ async def test_api_needs_a_session_and_the_header(city: City) -> None:
         async with http.post(f"{city.url}api/login", json={
                 "username": city.user("nurse-b"), "password": PASSWORD}) as response:
             assert response.status == 403  # no X-Rmiot header: a cross-site form
+
+
+async def test_requests_and_rpcs_are_traced_with_their_tenant(city: City,
+                                                              injected: float) -> None:
+    """The dashboard's requests and the RPCs they make carry the tenant."""
+    finished = city.spans.get_finished_spans()
+    user = f"user:{city.user('ops-a')}"
+    rpcs = [s for s in finished if s.name == "rmiot.v1.AlarmService/Acknowledge"]
+    assert rpcs and all(s.attributes for s in rpcs)
+    assert rpcs[0].attributes  # the alarm's tenant: the device's department
+    assert rpcs[0].attributes["rmiot.tenant"] == city.department_a
+    assert rpcs[0].attributes["enduser.id"] == user
+    assert rpcs[0].attributes["rpc.grpc.status_code"] == 0
+    pages = [s for s in finished if s.name == "HTTP GET /api/device/{id}" and s.attributes
+             and s.attributes["enduser.id"] == user]
+    assert pages and pages[0].attributes and pages[0].attributes["http.response.status_code"] == 200
+    # The injected frame's own trace, from the socket to the commit.
+    batches = [s for s in finished if s.name == "ingest.batch" and s.attributes
+               and s.attributes["rmiot.device"] == city.device_a]
+    assert batches and batches[0].attributes and batches[0].attributes["rmiot.transport"] == "tcp"

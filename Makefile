@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help setup system venv run test lint typecheck pytest bench bench-decode bench-ingest \
         bench-security bench-registry bench-durability bench-federation bench-transports bench-query \
-        bench-alarms bench-fuzz clean
+        bench-alarms bench-interop bench-fuzz clean
 
 help:
 	@echo "make run    - install what is missing, start database, broker and platform (Ctrl-C stops)"
@@ -71,7 +71,7 @@ pytest: setup
 ## benchmarks -------------------------------------------------------------------
 
 bench: bench-ingest bench-security bench-registry bench-durability bench-transports \
-       bench-query bench-alarms bench-fuzz
+       bench-query bench-alarms bench-interop bench-fuzz
 
 # Issue 3's figures; the last line is one JSON object.
 bench-ingest: setup
@@ -99,6 +99,10 @@ bench-federation: bench-transports
 # Issue 7's figures: query tiers on a district's dataset (built on first run).
 bench-query: setup
 	@$(BIN)/python benches/bench_query.py
+
+# Issue 11's figures: HL7 ORU^R01 over MLLP, FHIR Observation search p99; last line JSON.
+bench-interop: setup
+	@$(BIN)/python benches/bench_interop.py
 
 # Issue 8's figures: alarm latency (TCP frame -> Watch) and rule cost; last line JSON.
 bench-alarms: setup

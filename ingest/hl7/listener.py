@@ -97,6 +97,7 @@ class Hl7Listener:
         self.port = 0
         self._codes: dict[str, int] = {}
         self._codes_version = -1
+        self._codes_lock = asyncio.Lock()
         self._record: list[tuple[str, str, str, int]] = []
         self._recorder: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -221,10 +222,14 @@ class Hl7Listener:
     async def _tenant(self, code: str) -> int | None:
         """The tenant whose code is ``code`` (re-read when the tree changed)."""
         if self._codes_version != self.authorizer.version:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                cur = await c.execute(b"SELECT code, id FROM tenants")
-                self._codes = dict(await cur.fetchall())
-            self._codes_version = self.authorizer.version
+            async with self._codes_lock:  # one re-read for all the messages waiting
+                version = self.authorizer.version
+                if self._codes_version != version:
+                    async with await psycopg.AsyncConnection.connect(self.dsn,
+                                                                     autocommit=True) as c:
+                        cur = await c.execute(b"SELECT code, id FROM tenants")
+                        self._codes = dict(await cur.fetchall())
+                    self._codes_version = version
         return self._codes.get(code)
 
     async def _handle(self, message: Message, subject: str,

@@ -21,7 +21,7 @@ def test_run_status_and_clean_stop(database: str, mqtt: tuple[str, int],
                                    dev_certs: Config) -> None:
     env = {**os.environ, "RMIOT_DATABASE_NAME": dev_certs.database.name,
            "RMIOT_GRPC_PORT": str(free_port()),
-           "RMIOT_GRPC_MTLS_PORT": str(free_port()),
+           "RMIOT_GRPC_MTLS_PORT": str(free_port()), "RMIOT_DASHBOARD_PORT": str(free_port()),
            "RMIOT_INGEST_TCP_PORT": str(free_port()), "RMIOT_LOG_FORMAT": "json"}
     rmiot = [sys.executable, "-m", "rmiot.cli"]
     with subprocess.Popen([*rmiot, "run"], env=env, stdout=subprocess.PIPE,

@@ -77,7 +77,7 @@ def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple
            "RMIOT_INGEST_TCP_PORT": str(free_port()), "RMIOT_INGEST_PROCESSES": "1",
            "RMIOT_MQTT_ENABLED": "true", "RMIOT_MQTT_TOPIC_ROOT": root,
            "RMIOT_MQTT_SHARE_GROUP": root, "RMIOT_HTTP_ENABLED": "true",
-           "RMIOT_HTTP_PORT": str(free_port()),
+           "RMIOT_HTTP_PORT": str(free_port()), "RMIOT_DASHBOARD_PORT": str(free_port()),
            "RMIOT_LOG_FORMAT": "json", "RMIOT_LOG_LEVEL": "warning"}
     with subprocess.Popen([sys.executable, "-m", "rmiot.cli", "run", "--simulate", "small"],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -86,7 +86,7 @@ def build(cfg: Config, dsn: str) -> World:
             (hospital, wards, DEVICES + MONITORS)).fetchall()]
         devices, monitors = ids[:DEVICES], ids[DEVICES:]
         conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) VALUES "
-                     "('mllp:bi-h1', 'hospital_platform', %s), "
+                     "('mllp:bi-h1', 'his_interface', %s), "
                      "('user:bench-admin', 'hospital_admin', %s), "
                      "('user:bench-clinician', 'clinician', %s)", (hospital, hospital, hospital))
         say(f"dataset: {MONITORS} monitors x {DAYS} days of a frame a minute ...")

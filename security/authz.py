@@ -394,6 +394,8 @@ _REFUSALS = {
     "authz_grants_subject_check": "a subject is <kind>:<name> without spaces",
     "authz_device_role_only_for_devices":
         "the device role is for device:<id> subjects only, and they hold nothing else",
+    "authz_his_interface_only_for_interfaces":  # migration 0015
+        "the his_interface role is for mllp:<facility> and cert:<name> subjects only",
     "authz_policy_only_security_admin": "only security_admin may hold rights on policy",
     "authz_audit_only_auditors":
         "only auditor and audit_admin may read the audit log; only audit_admin manages it",

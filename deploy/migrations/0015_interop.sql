@@ -10,6 +10,7 @@
 --   shared_results  a device-derived result a hospital publishes for the region
 --                   (standard 6.3 g): found by the patient's pseudonym, read by
 --                   another hospital that treats the same person
+--   his_interface   the role of a hospital's HIS/EMR interface (below)
 
 CREATE TABLE hl7_messages (
     sender       text NOT NULL,                  -- the authenticated sender (cert:..., mllp:...)
@@ -41,7 +42,16 @@ CREATE TABLE shared_results (
 CREATE INDEX shared_results_pseudonym ON shared_results (pseudonym, published_at DESC);
 GRANT SELECT, INSERT ON shared_results TO rmiot_app;
 
--- A hospital's HIS (a hospital_platform subject) drives bindings from ADT.
-INSERT INTO authz_permissions (role, object, action)
-VALUES ('hospital_platform', 'patient', 'write')
-ON CONFLICT DO NOTHING;
+-- A hospital's HIS/EMR interface (its interface engine, speaking HL7 v2 over
+-- MLLP) is a role of its own: hospital_platform pushes telemetry upstream and
+-- holds no patient data, while the HIS drives patient-device bindings (ADT:
+-- patient write) and relays its monitor gateways' results (ORU: ingest
+-- write). Only an interface holds it: mllp:<sending facility> or
+-- cert:<common name>, never a person or a device.
+INSERT INTO authz_roles (name, description) VALUES
+    ('his_interface', 'a hospital''s HIS/EMR interface (HL7 v2 over MLLP): ADT and ORU');
+INSERT INTO authz_permissions (role, object, action) VALUES
+    ('his_interface', 'patient', 'write'),
+    ('his_interface', 'ingest', 'write');
+ALTER TABLE authz_grants ADD CONSTRAINT authz_his_interface_only_for_interfaces
+    CHECK (role <> 'his_interface' OR subject LIKE 'mllp:%' OR subject LIKE 'cert:%');

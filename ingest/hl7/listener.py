@@ -6,8 +6,9 @@ For each message (``Hl7Listener.answer``), in this order:
 2. the sender: with ``hl7.tls`` the verified client certificate
    (``cert:<common name>``), else ``mllp:<MSH-4>``; the tenant is the one whose
    code is MSH-4 (or, empty, the certificate's). Authorised like an RPC:
-   ORU needs ``ingest:write`` there, ADT ``patient:write`` (the HIS's
-   hospital_platform role) — else AR, as for an unknown message type;
+   ORU needs ``ingest:write`` there, ADT ``patient:write`` (both held by the
+   ``his_interface`` role, migration 0015; a ``hospital_platform`` sender may
+   send ORU but never ADT) — else AR, as for an unknown message type;
 3. a control id this process already answered AA for is answered AA again at
    once (a resend after a lost ACK); for ADT the database also knows
    (``hl7_messages``, in the binding transaction), for ORU the frames do;

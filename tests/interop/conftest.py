@@ -3,7 +3,7 @@
 region R > hospital A (code ``ha-<run>``) > ICU department; hospital B (``hb-<run>``).
 Hospital A has two bedside monitors fixed at ICU/01/07 and ICU/01/08, a
 transport monitor without a bed, a monitor that requires HMAC, and a CT with
-an AE title; hospital B a monitor. ``mllp:<A's code>`` holds hospital_platform
+an AE title; hospital B a monitor. ``mllp:<A's code>`` holds his_interface
 on A (the HIS and the monitor gateway speak as A's sending facility).
 People: a clinician and the head of A's ICU, A's administrator, a clinician
 of B, a commission analyst and an auditor at the region, with tokens.
@@ -109,7 +109,7 @@ def _build(dsn: str, cfg: Config) -> Region:
         conn.execute("UPDATE devices SET model_id = %s WHERE id = ANY(%s)",
                      (model[0], [r.bed7, r.bed8, r.portable, r.monitor_b]))
         conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) VALUES "
-                     "(%s, 'hospital_platform', %s)", (f"mllp:{r.code_a}", r.hospital_a))
+                     "(%s, 'his_interface', %s)", (f"mllp:{r.code_a}", r.hospital_a))
         for user, (role, where) in ROLES.items():
             r.users[user] = f"{user}-{run}"
             conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) "

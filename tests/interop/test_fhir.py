@@ -204,7 +204,7 @@ async def test_results_shared_between_hospitals(platform: Running, fhir: Fhir) -
     c = await MllpClient.connect(platform.hl7.port)
     with r.conn() as conn:
         conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) VALUES "
-                     "(%s, 'hospital_platform', %s) ON CONFLICT DO NOTHING",
+                     "(%s, 'his_interface', %s) ON CONFLICT DO NOTHING",
                      (f"mllp:{r.code_b}", r.hospital_b))
         conn.execute("UPDATE devices SET location = 'WARD/1/1' WHERE id = %s", (r.monitor_b,))
     await _until_allowed(platform, f"mllp:{r.code_b}", r.hospital_b)

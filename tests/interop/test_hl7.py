@@ -130,6 +130,25 @@ async def test_rejections(platform: Running) -> None:
     await c.close()
 
 
+async def test_a_hospital_platform_sender_may_not_drive_bindings(platform: Running) -> None:
+    """hospital_platform pushes telemetry and holds no patient data: its ADT is refused."""
+    r = platform.region
+    gateway = f"icu-{r.run}"  # the ICU's code as MSH-4: mllp:icu-<run>
+    with r.conn() as conn:
+        conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) VALUES "
+                     "(%s, 'hospital_platform', %s)", (f"mllp:{gateway}", r.icu))
+    authz = platform.security.authorizer
+    await eventually(lambda: authz.allowed(f"mllp:{gateway}", r.icu, "ingest", "write"), 5)
+    assert not authz.allowed(f"mllp:{gateway}", r.icu, "patient", "write")
+    c = await client(platform)
+    reply = await c.call(adt(gateway, "GW-ADT", "A01", "440301198001019999", bed="ICU^01^07"))
+    assert msa(reply) == ("AR", "GW-ADT") and errors(reply)[0][2] == "MSH^1^4", reply
+    await c.close()
+    with r.conn() as conn:
+        assert conn.execute("SELECT count(*) FROM hl7_messages WHERE sender = %s",
+                            (f"mllp:{gateway}",)).fetchone() == (0,)
+
+
 async def test_pipelined_messages_are_answered_in_order(platform: Running) -> None:
     r = platform.region
     c = await client(platform)
@@ -219,7 +238,7 @@ async def test_tls_needs_a_client_certificate(platform: Running, tmp_path: Any) 
         key = crt.with_suffix(".key")
         with psycopg.connect(r.dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO authz_grants (subject, role, tenant_id) VALUES "
-                         "(%s, 'hospital_platform', %s)", (f"cert:{name}", r.hospital_a))
+                         "(%s, 'his_interface', %s)", (f"cert:{name}", r.hospital_a))
         await eventually(lambda: platform.security.authorizer.allowed(
             f"cert:{name}", r.hospital_a, "ingest", "write"), 5)
         context = ssl.create_default_context(cafile=str(cfg.tls_path("ca_file")))

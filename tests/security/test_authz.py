@@ -25,8 +25,10 @@ from tests.conftest import eventually
 PATIENT_DATA = ("telemetry", "alarm", "patient", "patient_identity")
 ACTIONS = ("read", "write", "manage")
 ALL_ROLES = ("commission_admin", "commission_analyst", "hospital_admin", "department_head",
-             "clinician", "patient", "vendor", "hospital_platform", "device", "auditor",
-             "system_admin", "security_admin", "audit_admin")
+             "clinician", "patient", "vendor", "hospital_platform", "his_interface", "device",
+             "auditor", "system_admin", "security_admin", "audit_admin")
+# Roles only machine subjects of one kind hold (the rest are granted to user:...).
+SUBJECT_KIND = {"device": "device", "his_interface": "mllp"}
 UNKNOWN_TENANT = 2**31 - 1
 
 
@@ -195,7 +197,7 @@ async def test_only_security_admin_may_manage_policy(authz: Authorizer, city: Ci
     assert seeded == set(ALL_ROLES)
     holders = {}
     for role in ALL_ROLES:
-        holders[role] = city.subject(role, kind="device" if role == "device" else "user")
+        holders[role] = city.subject(role, kind=SUBJECT_KIND.get(role, "user"))
         await authz.grant(holders[role], role, city.region)
     for role, subject in holders.items():
         for act in ("write", "manage"):
@@ -237,6 +239,8 @@ async def test_seeded_rights_keep_patient_data_and_audit_apart(authz: Authorizer
         audit = {act for obj, act in authz.permissions_of(role) if obj == "audit"}
         assert audit == {"auditor": {"read"}, "audit_admin": {"read", "manage"}}.get(role, set())
     assert authz.permissions_of("device") == [("command", "read"), ("ingest", "write")]
+    # A hospital's HIS/EMR interface: ADT writes bindings, ORU feeds telemetry; no reads.
+    assert authz.permissions_of("his_interface") == [("ingest", "write"), ("patient", "write")]
 
 
 async def test_unknown_subject_tenant_object_or_action_is_refused(
@@ -261,6 +265,8 @@ async def test_unknown_subject_tenant_object_or_action_is_refused(
         await authz.grant(admin, "overlord", city.region)
     with pytest.raises(AuthzError, match="device role"):
         await authz.grant(admin, "device", city.region)
+    with pytest.raises(AuthzError, match="his_interface role"):  # a person never holds it
+        await authz.grant(admin, "his_interface", city.hospital_a)
     with pytest.raises(AuthzError, match="unknown object"):
         await authz.set_permission("clinician", "spaceship", "read", True)
     with pytest.raises(AuthzError, match="unknown action"):
@@ -416,13 +422,15 @@ async def test_decisions_agree_with_casbin(authz: Authorizer, city: City) -> Non
     the subtree rule as g's domain matching function) give the same answers."""
     rng = random.Random(20261122)
     subjects = [city.subject(f"u{i}") for i in range(12)]
-    person_roles = [r for r in ALL_ROLES if r != "device"]
+    person_roles = [r for r in ALL_ROLES if r not in SUBJECT_KIND]
     for subject in subjects:
         for _ in range(rng.randint(1, 3)):
             await authz.grant(subject, rng.choice(person_roles), rng.choice(city.nodes))
     device = city.subject("7", kind="device")
     await authz.grant(device, "device", city.ward_a1)
-    subjects += [device, city.subject("ghost")]
+    his = city.subject("his", kind="mllp")
+    await authz.grant(his, "his_interface", city.hospital_a)
+    subjects += [device, his, city.subject("ghost")]
     tenants = [*city.nodes, UNKNOWN_TENANT]
     objects = sorted(OBJECTS)
     allowed = 0

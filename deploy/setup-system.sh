@@ -12,6 +12,7 @@ PACKAGES=(
   "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" postgresql-contrib
   build-essential cmake dpkg-dev mosquitto mosquitto-clients libssl-dev
   chromium  # the dashboard's browser tests (Playwright drives /usr/bin/chromium)
+  libpango-1.0-0 libpangoft2-1.0-0  # PDF monthly reports (WeasyPrint)
 )
 PG_SHAREDIR=$(/usr/lib/postgresql/$PG_MAJOR/bin/pg_config --sharedir 2>/dev/null || echo /usr/share/postgresql/$PG_MAJOR)
 

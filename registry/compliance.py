@@ -99,7 +99,8 @@ def _level_due(policy: Policy, due: dt.date, today: dt.date) -> int:
     return sum(1 for days in policy.escalate_days if late > days)
 
 
-def _notify(level: int, owner: str, home: int, hospital: int) -> str:
+def notify(level: int, owner: str, home: int, hospital: int) -> str:
+    """Whom an escalation of ``level`` goes to."""
     if level <= 1:
         return owner
     if level == 2:
@@ -152,7 +153,7 @@ def run(conn: psycopg.Connection[Any], today: dt.date, scope: int | None = None)
                 for lv in range(level + 1, _level_due(policy, due, today) + 1):
                     escalations += 1
                     _event(conn, task_id, now, "escalation", lv,
-                           _notify(lv, task_owner, home, hospital),
+                           notify(lv, task_owner, home, hospital),
                            f"{kind} overdue since {due.isoformat()}")
                 conn.execute(
                     "UPDATE compliance_tasks SET reminders = greatest(reminders, %s), "

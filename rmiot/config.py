@@ -398,6 +398,18 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class OpsConfig:
+    """Hospital operations' background jobs (rmiot.ops_reports, rmiot.compliance_alarms)."""
+
+    reports_dir: str = ""
+    report_pdf: bool = True
+    job_period_s: float = 60.0
+
+    def check(self) -> None:
+        _at_least("ops.job_period_s", self.job_period_s, 1)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -427,6 +439,7 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     otel: OtelConfig = field(default_factory=OtelConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 

@@ -1,7 +1,7 @@
 """``rmiot ops``: hospital operations for operators, straight on the database
 (the operator's own access; people use OpsService).
 
-    rmiot ops report TENANT --month YYYY-MM [--regional] [--out DIR]
+    rmiot ops report TENANT --month YYYY-MM [--regional] [--out DIR] [--pdf]
     rmiot ops compliance [--today YYYY-MM-DD]     open, remind, escalate now
     rmiot ops available TENANT [--kind K] [--zone Z] [--min-battery N]
 """
@@ -16,10 +16,9 @@ from typing import Any
 
 import orjson
 
-from rmiot import db
+from rmiot import db, ops_reports
 from rmiot.config import Config
-from rmiot.query.ops_energy import OpsEnergy
-from rmiot.registry import compliance, dispatch, ops_report
+from rmiot.registry import compliance, dispatch
 from rmiot.registry.devices import Scope
 from rmiot.registry.store import RegistryError
 
@@ -33,6 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     report.add_argument("--month", required=True, help="YYYY-MM")
     report.add_argument("--regional", action="store_true", help="de-identified, per hospital")
     report.add_argument("--out", default=".", help="directory (default: here)")
+    report.add_argument("--pdf", action="store_true", help="a PDF as well (WeasyPrint)")
     run = actions.add_parser("compliance", help="open due tasks, remind and escalate now")
     run.add_argument("--today", default="", help="YYYY-MM-DD (default today)")
     free = actions.add_parser("available", help="devices free for an emergency, nearest first")
@@ -58,21 +58,12 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
                 for p in found:
                     print(orjson.dumps(p, default=str).decode())
             else:
-                first, end = ops_report.month_bounds(args.month)
-                energy = asyncio.run(_energy(db.app_dsn(cfg), args.tenant, first, end))
-                built = ops_report.build(conn, args.tenant, args.month, args.regional, energy)
-                kind = "regional" if args.regional else "hospital"
-                out = Path(args.out)
-                out.mkdir(parents=True, exist_ok=True)
-                stem = out / f"ops-{kind}-{args.tenant}-{args.month}"
-                stem.with_suffix(".csv").write_text(ops_report.to_csv(built), encoding="utf-8")
-                stem.with_suffix(".html").write_text(ops_report.to_html(built), encoding="utf-8")
-                print(f"{stem}.csv\n{stem}.html")
+                built = asyncio.run(ops_reports.build(db.app_dsn(cfg), args.tenant, args.month,
+                                                      args.regional))
+                for path in ops_reports.save(built, ops_reports.stem(
+                        Path(args.out), args.tenant, args.month, args.regional), args.pdf):
+                    print(path)
     except (RegistryError, ValueError) as exc:
         print(f"rmiot: {exc}")
         return 1
     return 0
-
-
-async def _energy(dsn: str, tenant: int, first: dt.date, end: dt.date) -> list[Any]:
-    return list(await OpsEnergy(dsn).energy(tenant, first, end, 201))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from rmiot import db
+from rmiot.compliance_alarms import ComplianceAlarms
 from rmiot.config import Config
 from rmiot.db_metrics import DatabaseMetrics
 from rmiot.deploy import broker, certs, cluster, migrate, replica
@@ -31,6 +32,8 @@ from rmiot.ingest.uplink import Uplink
 from rmiot.ingest.workers import WorkerPool
 from rmiot.interop import Interop
 from rmiot.observability import Observability
+from rmiot.ops_reports import MonthlyReports
+from rmiot.periodic import PeriodicJob
 from rmiot.query import service as query_service
 from rmiot.query.dashboard.demo import simulation_viewer
 from rmiot.query.dashboard.server import Dashboard
@@ -142,6 +145,7 @@ class Platform:
     security: SecurityServices | None = None
     api: Api | None = None
     query_jobs: QueryJobs | None = None
+    ops_jobs: list[PeriodicJob] = field(default_factory=list)
     interop: Interop | None = None
     observability: Observability | None = None
     db_metrics: DatabaseMetrics | None = None
@@ -170,6 +174,10 @@ class Platform:
         await self.api.start()
         self.query_jobs = QueryJobs(self.cfg)  # rollups and retention
         await self.query_jobs.start()
+        self.ops_jobs = [MonthlyReports.of(self.cfg),  # after each month; compliance alarms
+                         ComplianceAlarms(db.app_dsn(self.cfg), self.cfg.ops.job_period_s)]
+        for job in self.ops_jobs:
+            await job.start()
         tiers = {f"/{query_service.SERVICE}/{name}": tier.value
                  for name, (tier, _) in query_service.METHODS.items()}
         tiers[f"/{query_service.SERVICE}/Batch"] = "batch"
@@ -225,6 +233,8 @@ class Platform:
             await self.uplink.stop()
         if self.interop:
             await self.interop.stop()
+        for job in self.ops_jobs:
+            await job.stop()
         if self.query_jobs:
             await self.query_jobs.stop()
         if self.api:

@@ -6,6 +6,7 @@ database, and a helper writing telemetry rows as the batch writer stores them
 from __future__ import annotations
 
 import datetime as dt
+import html.parser
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,22 @@ def write_frames(dsn: str, device: int, tenant: int,
                 "VALUES (%s, %s, %s, %s, 1, %s, %s)",
                 [(ts, device, tenant, base + n + 1, [m for m, _ in fields],
                   [float(v) for _, v in fields]) for n, (ts, fields) in enumerate(frames)])
+
+
+class PageText(html.parser.HTMLParser):
+    """An HTML page's text pieces and tags, as a reader sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        if data.strip():
+            self.text.append(data.strip())
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
-import html.parser
 import io
 import itertools
 import time
@@ -29,7 +28,7 @@ from rmiot.query.ops_energy import OpsEnergy
 from rmiot.registry.ops_service import RULES, OpsServicer
 from rmiot.security import identity
 from rmiot.security.service import SecurityServices
-from tests.ops.conftest import District, write_frames
+from tests.ops.conftest import District, PageText, write_frames
 
 PASSWORD = "Ops-Test-9x!"
 _run = itertools.count()
@@ -94,20 +93,6 @@ async def desk(dev_certs: Config, district: District) -> AsyncIterator[Desk]:
     await server.stop(0)
     await ops.stop()
     await security.stop()
-
-
-class _Text(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.text: list[str] = []
-        self.tags: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append(tag)
-
-    def handle_data(self, data: str) -> None:
-        if data.strip():
-            self.text.append(data.strip())
 
 
 async def test_reach_audit_and_work_orders(desk: Desk) -> None:
@@ -186,7 +171,7 @@ async def test_monthly_report_renders_with_energy(desk: Desk, tmp_path: Path) ->
             tenant_id=tenant, month="2025-03", format="html", regional=regional))
         path = tmp_path / report.filename
         path.write_bytes(report.content)
-        page = _Text()
+        page = PageText()
         page.feed(path.read_text(encoding="utf-8"))
         text = " ".join(page.text)
         assert "operations report 2025-03" in text and "svg" in page.tags

@@ -35,9 +35,10 @@ TIMEOUT_S = 10.0
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail or message  # the API's own words (for the user's own login)
 
 
 class Gateway:
@@ -59,7 +60,7 @@ class Gateway:
             code = exc.code()
             status = HTTP_STATUS.get(code, 503)
             message = "not found" if status == 404 else (exc.details() or code.name)
-            raise ApiError(status, message) from None
+            raise ApiError(status, message, exc.details() or code.name) from None
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -209,9 +209,12 @@ class Dashboard:
     async def login(self, request: web.Request) -> web.Response:
         self._check_origin(request)
         body = await request.json()
-        reply = await self.gateway.call(self.gateway.auth.Login, auth_pb2.LoginRequest(
-            username=str(body.get("username", "")), password=str(body.get("password", "")),
-            totp=str(body.get("totp", ""))), "", request[CALL].request_id)
+        try:
+            reply = await self.gateway.call(self.gateway.auth.Login, auth_pb2.LoginRequest(
+                username=str(body.get("username", "")), password=str(body.get("password", "")),
+                totp=str(body.get("totp", ""))), "", request[CALL].request_id)
+        except ApiError as exc:  # a lockout (PERMISSION_DENIED) says so, not "not found"
+            raise ApiError(403 if exc.status == 404 else exc.status, exc.detail) from None
         response = self._json({"password_change_required": reply.password_change_required})
         response.set_cookie(COOKIE, reply.token, httponly=True, samesite="Strict", path="/",
                             secure=self.cfg.dashboard.tls, max_age=reply.idle_timeout_s * 96)

@@ -261,7 +261,8 @@ async def report(sim: Simulation, out: TextIO, every_s: float) -> None:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     text = ("simulate a city's hospitals and devices sending to the platform "
-            "(monitors, wearables, infusion pumps, RFID tags, environment and energy meters)")
+            "(monitors, wearables, infusion pumps, ventilators, RFID tags, environment "
+            "sensors, energy meters and air handling units)")
     parser: argparse.ArgumentParser = subparsers.add_parser("simulate", help=text,
                                                             description=text)
     parser.add_argument("--city", choices=sorted(city.CITIES), default="small",

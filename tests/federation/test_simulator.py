@@ -99,9 +99,9 @@ def test_make_run_feeds_the_platform_a_simulated_city(database: str, mqtt: tuple
                      if not line.startswith("{") or '"error"' in line or "ERROR" in line)
     assert proc.returncode == 0, f"{out}\n{said}"
     assert "Traceback" not in stderr
-    assert "simulating 3 hospitals, 195 devices" in out
+    assert "simulating 3 hospitals, 213 devices" in out
     summary = out.strip().splitlines()[-1]
-    assert summary.startswith("3 hospitals, 195 devices"), out
+    assert summary.startswith("3 hospitals, 213 devices"), out
     sent = int(re.search(r"sent ([\d,]+)", summary)[1].replace(",", ""))  # type: ignore[index]
     assert sent > 300 and "refused 0" in summary and "unacked 0" in summary, summary
-    assert "(http 3 mqtt 3 tcp 63)" in summary, summary
+    assert "(http 3 mqtt 3 tcp 75)" in summary, summary

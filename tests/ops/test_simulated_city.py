@@ -5,7 +5,6 @@ its tagged equipment in its own zones, and sub-meters energy per zone."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 
 import psycopg
@@ -18,19 +17,17 @@ from rmiot.query.ops_energy import sub_metered
 from rmiot.registry import dispatch, ops_tracker
 from rmiot.registry.devices import Scope
 from rmiot.registry.dispatch import Need
-from rmiot.security.sm4 import Keyring
 from tests.conftest import eventually
 from tests.ingest import conftest as ingest_fixtures
 
 keyring = ingest_fixtures.keyring
+ingest_cfg = ingest_fixtures.ingest_cfg
 WATCHED = ("ventilator", "infusion_pump", "rfid_tag", "energy_meter")
 
 
-async def test_a_simulated_hospital_answers_the_dispatch_query(
-        base_cfg: Config, database: str, keyring: Keyring) -> None:
-    cfg = dataclasses.replace(
-        base_cfg, ingest=dataclasses.replace(base_cfg.ingest, tcp_port=0, batch_max_ms=5),
-        security=dataclasses.replace(base_cfg.security, keyring_dir=str(keyring.directory)))
+async def test_a_simulated_hospital_answers_the_dispatch_query(ingest_cfg: Config,
+                                                               database: str) -> None:
+    cfg = ingest_cfg
     ingest = IngestService(cfg)
     port = await ingest.start()
     try:

@@ -19,6 +19,7 @@ from rmiot.ingest.hl7.messages import (
     Message,
     MessageError,
     Problem,
+    Segment,
     field,
 )
 from rmiot.registry.adt import EVENTS, AdtEvent
@@ -30,17 +31,14 @@ MAX_REPEATS = 10
 
 def bed_key(message: Message, number: int = 3) -> str:
     """PV1-number (a PL) as ``point of care/room/bed``, trailing empties dropped."""
-    try:
-        pv1 = message.tree.segment("PV1")
-    except KeyError:
-        return ""
+    pv1 = message.segment("PV1")
     parts = [field(pv1, number, c) for c in (1, 2, 3)]
     while parts and not parts[-1]:
         parts.pop()
     return "/".join(parts)
 
 
-def _patient_id(pid: object) -> str:
+def _patient_id(pid: Segment) -> str:
     first = ""
     for repeat in range(1, MAX_REPEATS + 1):
         ident = field(pid, 3, 1, repeat)
@@ -61,10 +59,9 @@ def adt_event(message: Message, tenant_id: int, sender: str) -> AdtEvent:
         raise MessageError("AR", [Problem(UNSUPPORTED_EVENT, f"ADT^{header.trigger} is not "
                                           f"handled (one of {', '.join(EVENTS)})",
                                           "MSH", 1, 9)], header)
-    try:
-        pid = message.tree.segment("PID")
-    except KeyError:
-        raise ContentError([Problem(REQUIRED_MISSING, "no PID segment", "PID", 1, 0)]) from None
+    pid = message.segment("PID")
+    if pid is None:
+        raise ContentError([Problem(REQUIRED_MISSING, "no PID segment", "PID", 1, 0)])
     problems = []
     ident = _patient_id(pid)
     if not ident:
@@ -83,11 +80,7 @@ def adt_event(message: Message, tenant_id: int, sender: str) -> AdtEvent:
         raise ContentError(problems)
     born = field(pid, 7)
     sex = field(pid, 8)
-    try:
-        pv1 = message.tree.segment("PV1")
-        episode = field(pv1, 19)
-    except KeyError:
-        episode = ""
+    episode = field(message.segment("PV1"), 19)
     return AdtEvent(header.trigger, tenant_id, sender, header.control_id,
                     PatientIdentity(name, ident, field(pid, 13)),
                     sex if sex in ("F", "M") else "U",

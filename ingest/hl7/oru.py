@@ -42,9 +42,6 @@ from rmiot.ingest.hl7.messages import (
     Problem,
     hl7_time,
 )
-from rmiot.ingest.hl7.messages import (
-    field as hl7_field,
-)
 from rmiot.ingest.payload import device_id
 
 VTYPE_F64 = 2
@@ -94,38 +91,39 @@ def _value_in_unit(metric: MetricCode, value: float, unit: str) -> float | None:
 def observations(msg: Message, tz: dt.tzinfo) -> Observations:
     """The readings of an ORU^R01 (see the module docstring); ContentError if any
     catalogued OBX is wrong."""
-    tree = msg.tree
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    default_time = hl7_field(tree.segment("MSH"), 7)
+    default_time = msg.segments[0].field(7)
     obr_time = ""
     groups: dict[tuple[int, int], Reading] = {}
+    times: dict[str, int] = {}  # the OBX of a message mostly share one time
     obx_seq = 0
-    for segment in tree:
-        kind = str(segment[0])
+    for segment in msg.segments:
+        kind = segment.name
         if kind == "OBR":
-            obr_time = hl7_field(segment, 7)
+            obr_time = segment.field(7)
             continue
         if kind != "OBX":
             continue
         obx_seq += 1
+        at = segment.field
 
         def bad(code: int, text: str, at: int, *, _n: int = obx_seq) -> None:
             problems.append(Problem(code, text, "OBX", _n, at))
 
-        code = hl7_field(segment, 3, 1)
+        code = at(3, 1)
         metric = metric_by_code(code) if code else None
         if metric is None:
             warnings.append(Problem(TABLE_VALUE, f"OBX-3 code {code!r} is not in the "
                                     "platform's catalogue: skipped", "OBX", obx_seq, 3, "W"))
             continue
-        if hl7_field(segment, 11) in ("X", "D"):
+        if at(11) in ("X", "D"):
             continue
-        if hl7_field(segment, 2) not in ("NM", ""):
+        if at(2) not in ("NM", ""):
             bad(DATA_TYPE, f"OBX-2 must be NM for {metric.name}, got "
-                f"{hl7_field(segment, 2)!r}", 2)
+                f"{at(2)!r}", 2)
             continue
-        text = hl7_field(segment, 5)
+        text = at(5)
         try:
             number = float(text)
         except ValueError:
@@ -133,20 +131,20 @@ def observations(msg: Message, tz: dt.tzinfo) -> Observations:
         if not math.isfinite(number):
             bad(DATA_TYPE, f"OBX-5 {text!r} is not a number", 5)
             continue
-        unit = hl7_field(segment, 6, 1)
+        unit = at(6, 1)
         value = _value_in_unit(metric, number, unit)
         if value is None:
             bad(TABLE_VALUE, f"OBX-6 unit {unit!r} cannot be {metric.name}'s "
                 f"{metric.ucum or metric.unit}", 6)
             continue
-        when = hl7_field(segment, 14) or obr_time or default_time
+        when = at(14) or obr_time or default_time
         try:
-            ts_us = hl7_time(when, tz)
+            ts_us = times.get(when) or times.setdefault(when, hl7_time(when, tz))
         except ValueError:
             bad(DATA_TYPE if when else REQUIRED_MISSING,
                 f"no observation time (OBX-14, OBR-7 or MSH-7): {when!r}", 14)
             continue
-        device = device_id(hl7_field(segment, 18, 1))
+        device = device_id(at(18, 1))
         if device is None:
             bad(REQUIRED_MISSING, "OBX-18 must name the device (its platform id)", 18)
             continue

@@ -53,8 +53,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
                 print(orjson.dumps(done.__dict__).decode())
             elif args.action == "available":
                 found = dispatch.available(conn, Scope(args.tenant), dispatch.Need(
-                    kind=args.kind, zone_id=args.zone, min_battery=args.min_battery,
-                    limit=args.limit))
+                    kind=args.kind, zone_id=args.zone, hospital_id=0 if args.zone else args.tenant,
+                    min_battery=args.min_battery, limit=args.limit))
                 for p in found:
                     print(orjson.dumps(p, default=str).decode())
             else:

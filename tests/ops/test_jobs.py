@@ -8,9 +8,13 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from rmiot.compliance_alarms import ComplianceAlarms
+from rmiot.config import Config
 from rmiot.ops_reports import MonthlyReports, previous_month
 from rmiot.registry import compliance, ledger
 from rmiot.registry.devices import Scope
@@ -143,3 +147,19 @@ async def test_compliance_reminders_and_escalations_become_alarms(district: Dist
         states = dict(conn.execute("SELECT device_id, state FROM alarms WHERE device_id = "
                                    "ANY (%s)", ([late, soon],)).fetchall())
         assert states == {late: "cleared", soon: "active"}
+
+
+def test_rmiot_ops_report_writes_csv_html_and_pdf(district: District, base_cfg: Config,
+                                                  tmp_path: Path) -> None:
+    env = {**os.environ, "RMIOT_DATABASE_NAME": base_cfg.database.name}
+    district.device(district.ventilator_model, district.icu_b, district.hospital_b)
+    month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    done = subprocess.run([sys.executable, "-m", "rmiot.cli", "ops", "report",
+                           str(district.region), "--month", month, "--regional", "--pdf",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    stem = tmp_path / f"ops-regional-{district.region}-{month}"
+    assert done.stdout.split() == [f"{stem}.{ext}" for ext in ("csv", "html", "pdf")]
+    assert "Hospital B" in _read_html(stem.with_suffix(".html")).text
+    assert stem.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")

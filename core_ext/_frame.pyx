@@ -361,36 +361,38 @@ cdef class Frame:
 
     def numeric(self):
         """metric -> value as float for the numeric vtypes 1-5; a repeated metric: last wins."""
-        cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(self.raw)
-        cdef const uint8_t* q = p + 32
+        cdef const uint8_t* q = <const uint8_t*>PyBytes_AS_STRING(self.raw) + 32
         cdef dict out = {}
         cdef int _field
-        cdef uint8_t vtype
         cdef uint16_t metric
+        cdef double value
+        cdef bint number
         for _field in range(self.count):
-            metric = _be16(q)
-            vtype = q[2]
-            q += 3
-            if vtype == 1:
-                out[metric] = _f32(q)
-                q += 4
-            elif vtype == 2:
-                out[metric] = _f64(q)
-                q += 8
-            elif vtype == 3:
-                out[metric] = <double><int32_t>_be32(q)
-                q += 4
-            elif vtype == 4:
-                out[metric] = <double><int64_t>_be64(q)
-                q += 8
-            elif vtype == 5:
-                out[metric] = <double>q[0]
-                q += 1
-            elif vtype == 6:
-                q += 1 + q[0]
-            else:
-                q += 2 + _be16(q)
+            q = _number_field(q, &metric, &value, &number)
+            if number:
+                out[metric] = value
         return out
+
+    def beyond(self, dict bounds):
+        """True when a numeric field (vtypes 1-5) of a metric in ``bounds``
+        (metric -> (lo, hi)) is not strictly between lo and hi (NaN is not):
+        the rule engine's test that a frame leaves every threshold as it was,
+        without a dict per frame. Every occurrence of a repeated metric counts."""
+        cdef const uint8_t* q = <const uint8_t*>PyBytes_AS_STRING(self.raw) + 32
+        cdef int _field
+        cdef uint16_t metric
+        cdef double value
+        cdef bint number
+        cdef object limits
+        for _field in range(self.count):
+            q = _number_field(q, &metric, &value, &number)
+            if not number:
+                continue
+            limits = bounds.get(metric)
+            if limits is not None and not (
+                    <double>(<tuple>limits)[0] < value < <double>(<tuple>limits)[1]):
+                return True
+        return False
 
     def __repr__(self):
         return (
@@ -564,6 +566,36 @@ cdef int _check_body(const uint8_t* q, Py_ssize_t body_len, int count,
     if q != end:
         return -1
     return numeric
+
+
+cdef inline const uint8_t* _number_field(const uint8_t* q, uint16_t* metric, double* value,
+                                         bint* number) noexcept nogil:
+    """One field of a body that already passed _check_body: its metric and,
+    for the numeric vtypes 1-5, its value as a double (``number``); returns
+    where the next field starts."""
+    cdef uint8_t vtype = q[2]
+    metric[0] = _be16(q)
+    number[0] = True
+    q += 3
+    if vtype == 1:
+        value[0] = _f32(q)
+        return q + 4
+    if vtype == 2:
+        value[0] = _f64(q)
+        return q + 8
+    if vtype == 3:
+        value[0] = <double><int32_t>_be32(q)
+        return q + 4
+    if vtype == 4:
+        value[0] = <double><int64_t>_be64(q)
+        return q + 8
+    if vtype == 5:
+        value[0] = <double>q[0]
+        return q + 1
+    number[0] = False
+    if vtype == 6:
+        return q + 1 + q[0]
+    return q + 2 + _be16(q)
 
 
 cdef list _field_list(const uint8_t* q, int count):

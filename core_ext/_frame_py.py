@@ -201,6 +201,18 @@ class Frame:
         """metric -> value as float for the numeric vtypes 1-5; a repeated metric: last wins."""
         return {m: _as_float(v) for m, vtype, v in self.fields() if vtype in _NUMERIC_VTYPES}
 
+    def beyond(self, bounds: dict[int, tuple[float, float]]) -> bool:
+        """True when a numeric field (vtypes 1-5) of a metric in ``bounds``
+        (metric -> (lo, hi)) is not strictly between lo and hi (NaN is not):
+        the rule engine's test that a frame leaves every threshold as it was,
+        without a dict per frame. Every occurrence of a repeated metric counts."""
+        for m, vtype, v in self.fields():
+            if vtype in _NUMERIC_VTYPES:
+                limits = bounds.get(m)
+                if limits is not None and not limits[0] < _as_float(v) < limits[1]:
+                    return True
+        return False
+
     def __repr__(self) -> str:
         return (
             f"Frame(kind={self.kind}, tenant={self.tenant}, device={self.device}, "

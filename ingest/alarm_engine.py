@@ -8,8 +8,10 @@ and ``rmiot_registry`` (devices and tenants). ``Engine`` compiles, per device
 and only when its first frame comes (or after a change), a ``DevicePlan``: the
 rules in force for it (``alarm_rules.resolve``) as evaluators indexed by
 metric. A record of a device under no rule costs one dictionary lookup; a
-record under rules costs its ``numeric()`` decoding and one comparison per
-watched metric while all is normal.
+record of a device whose rules are thresholds, all normal, costs one pass
+over its fields in the compiled core (``Frame.beyond``) with two comparisons
+per watched metric; any other record its ``numeric()`` decoding and the
+evaluators of its metrics.
 
 Two hooks in the pipeline (``ingest/pipeline.py``):
 
@@ -209,7 +211,7 @@ class DevicePlan:
     """One device's evaluators: by metric, the offline watch, the filters."""
 
     __slots__ = ("bounded", "by_metric", "empty", "energy", "filters", "newest", "offline",
-                 "patient", "stored_filters", "tenant")
+                 "patient", "quiet", "stored_filters", "tenant")
 
     def __init__(self, tenant: int, patient: int | None) -> None:
         self.tenant = tenant
@@ -222,6 +224,15 @@ class DevicePlan:
         self.energy: list[EnergyEval] = []
         self.empty = True
         self.newest = 0  # ts_us of the newest frame judged
+        # metric -> (lo, hi) while every evaluator fed per sample is a calm
+        # threshold: a frame inside all of them changes nothing (Frame.beyond
+        # tells, in the compiled core, without a dict per frame).
+        self.quiet: dict[int, tuple[float, float]] | None = None
+
+    def settle(self) -> None:
+        self.quiet = None if self.by_metric or not all(
+            b.calm for b in self.bounded.values()) else {
+            metric: (b.lo, b.hi) for metric, b in self.bounded.items()}
 
     def evaluators(self) -> Iterable[Evaluator]:
         seen: set[int] = set()
@@ -328,6 +339,7 @@ class Engine:
                 for metric in ev.metrics:
                     plan.by_metric.setdefault(metric, []).append(ev)
         plan.empty = False
+        plan.settle()
         return plan
 
     def _watch_all_offline(self) -> None:
@@ -372,24 +384,31 @@ class Engine:
             if ts < plan.newest:
                 continue
             plan.newest = ts
-            if plan.bounded or plan.by_metric:
-                numeric = frame.numeric()
-                for metric, bounds in plan.bounded.items():
-                    value = numeric.get(metric)
-                    if value is None or (bounds.calm and bounds.lo < value < bounds.hi):
-                        continue
-                    for threshold in bounds.evs:
-                        threshold.feed(ts, metric, value)
-                    bounds.settle()
-                for metric, evs in plan.by_metric.items():
-                    value = numeric.get(metric)
-                    if value is not None:
-                        for ev in evs:
-                            ev.feed(ts, metric, value)
+            if (plan.bounded or plan.by_metric) and (
+                    plan.quiet is None or frame.beyond(plan.quiet)):
+                self._judge(frame, plan, ts)
             if plan.stored_filters:
                 self._stored_filters(frame, plan)
         if len(self.transitions) + len(self.tags) + len(self.linkages) != before:
             self.wake()
+
+    @staticmethod
+    def _judge(frame: Frame, plan: DevicePlan, ts: int) -> None:
+        """Feed the frame's samples to the plan's evaluators."""
+        numeric = frame.numeric()
+        for metric, bounds in plan.bounded.items():
+            value = numeric.get(metric)
+            if value is None or (bounds.calm and bounds.lo < value < bounds.hi):
+                continue
+            for threshold in bounds.evs:
+                threshold.feed(ts, metric, value)
+            bounds.settle()
+        for metric, evs in plan.by_metric.items():
+            value = numeric.get(metric)
+            if value is not None:
+                for ev in evs:
+                    ev.feed(ts, metric, value)
+        plan.settle()
 
     def _stored_filters(self, frame: Frame, plan: DevicePlan) -> None:
         numeric = frame.numeric()

@@ -279,3 +279,27 @@ def test_utf8_check_is_pythons(text: bytes) -> None:
         assert isinstance(event, module.Frame) is valid, (module, text)
         if not valid:
             assert event.code == "MALFORMED"
+
+
+bounds_maps = st.dictionaries(
+    metrics,
+    st.tuples(st.floats(allow_nan=False), st.floats(allow_nan=False)),
+    max_size=6,
+)
+
+
+@PROFILE
+@given(field_lists, bounds_maps)
+def test_beyond_is_any_numeric_field_outside_its_bounds(
+    fields: list[tuple[int, int, Any]], bounds: dict[int, tuple[float, float]]
+) -> None:
+    """The rule engine's quick test agrees with the fields, on both twins."""
+    raw = _frame_py.encode_frame(1, 7, 1, 1, 1_763_000_000_000_000, fields)
+    for module in TWINS:
+        frame = module.decode_frame(raw)
+        expected = any(
+            m in bounds and not bounds[m][0] < float(v) < bounds[m][1]
+            for m, vtype, v in frame.fields()
+            if vtype <= 5
+        )
+        assert frame.beyond(bounds) is expected, module

@@ -9,8 +9,8 @@ Interactions:
 - ``GET /fhir/Observation/<id>``, ``GET /fhir/Observation?patient=|subject=|device=``
   with ``code`` (``[system|]code``, comma-separated: LOINC, MDC or
   ``urn:rmiot:metric``), ``date`` (``ge``/``gt``/``le``/``lt``/``eq`` + an ISO
-  date or date-time, repeatable), ``category=vital-signs``, ``_count`` (at most
-  ``fhir.page_max`` measurement times a page) and the ``next`` link's ``_page``;
+  date or date-time, repeatable), ``category=vital-signs``, ``_count`` (Observations a
+  page, at most ``fhir.page_max``) and the ``next`` link's ``_page``;
 - ``GET /fhir/DocumentReference?patient=<id>`` and ``/<id>`` — results shared
   between hospitals; ``POST /fhir/DocumentReference`` publishes one.
 
@@ -250,7 +250,7 @@ class FhirApi:
         query = self._observation_query(request)
         async with self._conn() as conn:
             read, after = await self.reader.observations(conn, caller.subject, query)
-        page = f"{fhir.to_us(after[0])}.{after[1]}.{after[2]}" if after else None
+        page = f"{fhir.to_us(after[0])}.{after[1]}.{after[2]}.{after[3]}" if after else None
         bundle = self._bundle(request, read.body["entries"], page)
         bundle.patients = read.patients
         return bundle
@@ -313,10 +313,12 @@ class FhirApi:
         after = None
         if q.get("_page"):
             try:
-                ts, device_s, seq = q["_page"].split(".")
+                ts, device_s, seq, index = q["_page"].split(".")
                 after = (fhir.EPOCH + dt.timedelta(microseconds=int(ts)), int(device_s),
-                         int(seq))
-            except ValueError:
+                         int(seq), int(index))
+                if after[3] < 0:
+                    raise ValueError(index)
+            except (ValueError, OverflowError):
                 raise Invalid("_page: use the next link as given") from None
         return ObservationQuery(patient, device, tuple(sorted(metrics)), lo, hi,
                                 self._count(q), after)

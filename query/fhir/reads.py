@@ -36,6 +36,7 @@ from rmiot.security.patient_keys import PatientKeys, open_identity
 from rmiot.security.patients import masked
 
 JSON = dict[str, Any]
+Keyset = tuple[dt.datetime, int, int, int]  # an Observation's frame (ts, device, seq), index
 
 
 class NotFound(Exception):
@@ -60,7 +61,7 @@ class ObservationQuery:
     lo: dt.datetime = store.EVER
     hi: dt.datetime = store.NEVER
     count: int = 100
-    after: tuple[dt.datetime, int, int] | None = None
+    after: Keyset | None = None
 
 
 class Reader:
@@ -173,32 +174,53 @@ class Reader:
         return int(row[0]) if row else 0
 
     async def observations(self, conn: Conn, subject: str,
-                           q: ObservationQuery) -> tuple[Read, tuple[dt.datetime, int, int] | None]:
-        """A page of Observations and the keyset of the next page (None: last)."""
+                           q: ObservationQuery) -> tuple[Read, Keyset | None]:
+        """A page of ``q.count`` Observations and the keyset of the next page (None:
+        the last). The keyset is the last Observation's frame and index in it: a
+        page may end inside a frame, and the next one starts after that index."""
         periods = await self._periods(conn, subject, q)
-        rows = await store.frames(conn, periods, q.lo, q.hi, list(q.metrics) or None, q.after,
-                                  q.count)
-        bound = {}
-        for device in {r[0] for r in rows}:
-            bound[device] = await store.bindings_of_device(conn, device) \
-                if not q.patient else [p for p in periods if p.device == device]
         wanted = set(q.metrics)
+        bound: dict[int, list[Period]] = {}
         read = Read({})
-        entries = []
-        for device, ts, seq, metrics, vals in rows:
+        entries: list[JSON] = []
+        last: Keyset | None = None
+
+        async def take(device: int, ts: dt.datetime, seq: int, metrics: list[int],
+                       vals: list[float], start: int) -> None:
+            nonlocal last
+            if device not in bound:
+                bound[device] = [p for p in periods if p.device == device] if q.patient \
+                    else await store.bindings_of_device(conn, device)
             who = next((p for p in bound[device] if p.start <= ts < p.end), None)
-            if who is not None and who.pseudonym:
+            found = fhir.frame_observations(device, ts, seq, metrics, vals,
+                                            who.patient_id if who else None, wanted, start)
+            for index, obs in found[:q.count - len(entries)]:
+                entries.append(obs)
+                last = (ts, device, seq, index)
+            if found and who is not None and who.pseudonym:
                 read.patients.add(who.pseudonym)
-            for metric, value in zip(metrics, vals, strict=True):
-                if wanted and metric not in wanted:
-                    continue
-                obs = fhir.observation(device, ts, seq, metric, value,
-                                       who.patient_id if who else None)
-                if obs is not None:
-                    entries.append(obs)
+
+        after = q.after
+        if after is not None:  # the rest of the frame the last page ended in
+            ts, device, seq, index = after
+            frame = await store.frame(conn, device, ts, seq)
+            if frame is not None and q.lo <= ts < q.hi and any(
+                    p.device == device and p.start <= ts < p.end for p in periods):
+                await take(device, ts, seq, frame[0], frame[1], index + 1)
+        cursor = after[:3] if after is not None else None
+        while len(entries) < q.count:
+            need = q.count - len(entries)
+            rows = await store.frames(conn, periods, q.lo, q.hi, list(q.metrics) or None,
+                                      cursor, need)
+            for device, ts, seq, metrics, vals in rows:
+                await take(device, ts, seq, metrics, vals, 0)
+                if len(entries) == q.count:
+                    break
+            if len(rows) < need:
+                break
+            cursor = (rows[-1][1], rows[-1][0], rows[-1][2])
         read.body = {"entries": entries}
-        last = rows[-1] if len(rows) == q.count else None
-        return read, (last[1], last[0], last[2]) if last else None
+        return read, last if len(entries) == q.count else None
 
     async def observation(self, conn: Conn, subject: str, ident: str) -> Read:
         parsed = fhir.parse_observation_id(ident)

@@ -5,7 +5,9 @@
   resprate, bodytemp, vitalsigns), their LOINC code(s) first and the IEEE
   11073 MDC code; every value a ``valueQuantity`` in UCUM when the unit is one.
   Its id is ``<device>-<ts µs>-<seq>-<metric>``; the subject is the patient the
-  device was bound to at that time, else the device.
+  device was bound to at that time, else the device. ``frame_observations``
+  makes those of one frame, sharing what a metric's Observations have in
+  common (built once per metric) and the frame's time as text (once per frame).
 - ``device``, ``device_metric`` (one per metric of the device's model),
   ``patient`` (full, masked or pseudonymised: ``meta.security`` says which),
   ``document_reference`` (a result shared between hospitals), ``bundle``
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,10 +49,6 @@ def metric_code(metric: int) -> MetricCode:
     return METRICS.get(metric) or MetricCode(metric, f"metric_{metric}", "")
 
 
-def observation_id(device: int, ts: dt.datetime, seq: int, metric: int) -> str:
-    return f"{device}-{to_us(ts)}-{seq}-{metric}"
-
-
 def parse_observation_id(text: str) -> tuple[int, int, int, int] | None:
     parts = text.split("-")
     if len(parts) != 4 or not all(p.isdigit() for p in parts):
@@ -75,25 +74,53 @@ def quantity(m: MetricCode, value: float) -> JSON:
     return out
 
 
+@functools.cache
+def _observation_parts(metric: int) -> tuple[JSON, JSON]:
+    """What every Observation of ``metric`` shares: the members from ``meta`` to
+    ``code``, and the unit of its ``valueQuantity``. Shared, never changed."""
+    m = metric_code(metric)
+    head: JSON = {}
+    if m.profile:
+        head["meta"] = {"profile": [m.profile_url]}
+    head["status"] = "final"
+    if m.vital_sign:
+        head["category"] = [{"coding": [{"system": CATEGORY, "code": "vital-signs",
+                                         "display": "Vital Signs"}], "text": "Vital Signs"}]
+    head["code"] = codeable(m)
+    unit = quantity(m, 0.0)
+    del unit["value"]
+    return head, unit
+
+
+def frame_observations(device: int, ts: dt.datetime, seq: int, metrics: Sequence[int],
+                       values: Sequence[float], patient: int | None,
+                       wanted: frozenset[int] | set[int] = frozenset(), start: int = 0,
+                       ) -> list[tuple[int, JSON]]:
+    """(index in the frame, Observation) of each value from ``start`` on, of the
+    ``wanted`` metrics (all when empty); values FHIR cannot carry (NaN,
+    infinities) are left out."""
+    prefix = f"{device}-{to_us(ts)}-{seq}-"
+    when = instant(ts)
+    subject = {"reference": f"Patient/{patient}" if patient else f"Device/{device}"}
+    source = {"reference": f"Device/{device}"}
+    out = []
+    for index in range(start, len(metrics)):
+        metric, value = metrics[index], values[index]
+        if (wanted and metric not in wanted) or not math.isfinite(value):
+            continue
+        head, unit = _observation_parts(metric)
+        obs: JSON = {"resourceType": "Observation", "id": f"{prefix}{metric}", **head,
+                     "subject": subject, "effectiveDateTime": when,
+                     "valueQuantity": {"value": value, **unit}, "device": source}
+        out.append((index, obs))
+    return out
+
+
 def observation(device: int, ts: dt.datetime, seq: int, metric: int, value: float,
                 patient: int | None) -> JSON | None:
     """One Observation; None for a value FHIR cannot carry (NaN, infinities)."""
-    if not math.isfinite(value):
-        return None
-    m = metric_code(metric)
-    out: JSON = {"resourceType": "Observation", "id": observation_id(device, ts, seq, metric)}
-    if m.profile:
-        out["meta"] = {"profile": [m.profile_url]}
-    out["status"] = "final"
-    if m.vital_sign:
-        out["category"] = [{"coding": [{"system": CATEGORY, "code": "vital-signs",
-                                        "display": "Vital Signs"}], "text": "Vital Signs"}]
-    out["code"] = codeable(m)
-    out["subject"] = {"reference": f"Patient/{patient}" if patient else f"Device/{device}"}
-    out["effectiveDateTime"] = instant(ts)
-    out["valueQuantity"] = quantity(m, value)
-    out["device"] = {"reference": f"Device/{device}"}
-    return out
+    found = frame_observations(device, ts, seq, [metric], [value], patient)
+    return found[0][1] if found else None
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,9 @@ async def bindings_of_device(conn: Conn, device_id: int) -> list[Period]:
     return _periods(await cur.fetchall())
 
 
+# Oldest first, in the order the (device_id, ts DESC, seq) index gives read
+# backwards — (ts, seq DESC) — so each device's scan stops after ``limit`` rows
+# instead of sorting its whole window; the keyset follows (ts, device, seq DESC).
 _FRAMES_SQL = b"""
 SELECT x.device_id, x.ts, x.seq, x.metrics, x.vals
   FROM unnest(%(devs)s::bigint[], %(starts)s::timestamptz[], %(ends)s::timestamptz[]) p (dev, a, z)
@@ -134,23 +137,25 @@ SELECT x.device_id, x.ts, x.seq, x.metrics, x.vals
        SELECT t.device_id, t.ts, t.seq, t.metrics, t.vals FROM telemetry t
         WHERE t.device_id = p.dev AND t.ts >= greatest(p.a, %(lo)s, %(after_ts)s)
           AND t.ts < least(p.z, %(hi)s)
-          AND (t.ts, t.device_id, t.seq) > (%(after_ts)s, %(after_dev)s, %(after_seq)s)
+          AND (t.ts > %(after_ts)s OR t.device_id > %(after_dev)s
+               OR (t.device_id = %(after_dev)s AND t.seq < %(after_seq)s))
           AND (%(metrics)s::int[] IS NULL OR t.metrics && %(metrics)s::int[])
-        ORDER BY t.ts, t.seq LIMIT %(limit)s) x
- ORDER BY x.ts, x.device_id, x.seq LIMIT %(limit)s"""
+        ORDER BY t.ts, t.seq DESC LIMIT %(limit)s) x
+ ORDER BY x.ts, x.device_id, x.seq DESC LIMIT %(limit)s"""
 
 
 async def frames(conn: Conn, periods: list[Period], lo: dt.datetime, hi: dt.datetime,
                  metrics: list[int] | None, after: tuple[dt.datetime, int, int] | None,
                  limit: int) -> list[tuple[int, dt.datetime, int, list[int], list[float]]]:
-    """Frames in the periods and [lo, hi), after the keyset, oldest first."""
+    """Frames in the periods and [lo, hi), after the keyset (ts, device, seq),
+    oldest first (see ``_FRAMES_SQL`` for the order)."""
     if not periods:
         return []
     cur = await conn.execute(_FRAMES_SQL, {
         "devs": [p.device for p in periods], "starts": [p.start for p in periods],
         "ends": [p.end for p in periods], "lo": lo, "hi": hi, "metrics": metrics,
         "after_ts": after[0] if after else EVER, "after_dev": after[1] if after else -1,
-        "after_seq": after[2] if after else -1, "limit": limit})
+        "after_seq": after[2] if after else 1 << 62, "limit": limit})
     return [(int(r[0]), r[1], int(r[2]), r[3], r[4]) for r in await cur.fetchall()]
 
 

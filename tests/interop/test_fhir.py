@@ -126,6 +126,17 @@ async def test_observations_by_patient_device_code_date(platform: Running, fhir:
     second = await fhir.get("head_a", link[len(fhir.base):])
     assert [e["resource"]["valueQuantity"]["value"] for e in second["entry"]] == [72.0]
     assert not [lnk for lnk in second["link"] if lnk["relation"] == "next"]
+    # _count counts Observations, not frames: pages of 4 end inside the second
+    # frame (HR, SpO2 each) and go on from where the last one stopped.
+    pages, url = [], f"/Observation?patient={a.patient}&_count=4"
+    while url:
+        got = await fhir.get("head_a", url)
+        pages.append([e["resource"]["id"] for e in got["entry"]])
+        url = next((lnk["url"][len(fhir.base):] for lnk in got["link"]
+                    if lnk["relation"] == "next"), "")
+    assert [len(p) for p in pages] == [4, 2]
+    assert [i for p in pages for i in p] == [o["id"] for o in observations]
+    await fhir.get("head_a", f"/Observation?patient={a.patient}&_page=1.2.3.-1", 400)
     day = time.strftime("%Y-%m-%d", time.gmtime())
     iso = f"{a.times[1][:4]}-{a.times[1][4:6]}-{a.times[1][6:8]}T{a.times[1][8:10]}:" \
           f"{a.times[1][10:12]}:{a.times[1][12:14]}Z"

@@ -9,10 +9,11 @@
 2. ``fhir_observation_search_p99_ms``: FHIR Observation searches (by patient
    with a code and a day's window, by device over a day, by patient without
    a code), ``_count`` 100, by a hospital administrator and a clinician over
-   HTTP, ``CLIENTS`` at a time from a process of their own, on a dataset built here: ``MONITORS`` monitors
-   in ten wards, a frame of 8 vitals a minute each for ``DAYS`` days, a patient
-   bound to every fourth. (The lead's ``rmiot dataset`` district is larger and
-   has no FHIR users; this one is built in seconds and is the same shape.)
+   HTTP, ``CLIENTS`` at a time from a process of their own, on a dataset built
+   here: ``MONITORS`` monitors in ten wards, a frame of 8 vitals a minute each
+   for ``DAYS`` days, a patient bound to every fourth. (The lead's ``rmiot
+   dataset`` district is larger and has no FHIR users; this one is built in
+   seconds and is the same shape.)
    Goal p99 <= 100 ms.
 
 The last line is one JSON object, with the 1-minute load average at its end

@@ -114,12 +114,19 @@ class Reader:
                           patient_id: int) -> tuple[store.PatientRow, str]:
         """The patient and how the caller may see them (full, masked,
         pseudonymised); NotFound when not at all."""
+        row, how, _ = await self._patient_access(conn, subject, patient_id)
+        return row, how
+
+    async def _patient_access(self, conn: Conn, subject: str, patient_id: int,
+                              ) -> tuple[store.PatientRow, str, list[Period]]:
+        """``patient_row`` and the patient's bindings it was decided on."""
         row = await store.patient(conn, patient_id)
         if row is None:
             raise NotFound(f"Patient/{patient_id}")
         scope = self.scope(subject, "patient")
         how = ""
-        wards = {p.tenant_id for p in await store.bindings_of_patient(conn, patient_id)}
+        bindings = await store.bindings_of_patient(conn, patient_id)
+        wards = {p.tenant_id for p in bindings}
         if scope.sees(row.tenant_id) or any(scope.reaches(t) for t in wards):
             how = "seen"
         elif self.scope(subject, "aggregate").reaches(row.tenant_id):
@@ -129,7 +136,7 @@ class Reader:
         if how == "seen":  # in full for the patient's hospital's or ward's clinicians
             how = "full" if any(self.authorizer.allowed(subject, t, "patient_identity", "read")
                                 for t in (row.tenant_id, *wards)) else "masked"
-        return row, how
+        return row, how, bindings
 
     async def patient(self, conn: Conn, subject: str, patient_id: int) -> Read:
         row, how = await self.patient_row(conn, subject, patient_id)
@@ -148,17 +155,16 @@ class Reader:
         """The device windows the caller may read for the query."""
         scope = self.scope(subject, "telemetry")
         if q.patient:
-            _, how = await self.patient_row(conn, subject, q.patient)
+            _, how, periods = await self._patient_access(conn, subject, q.patient)
             if how == "pseudonymised":
                 raise NotFound(f"Patient/{q.patient}")
-            periods = await store.bindings_of_patient(conn, q.patient)
-            homes = {p.device: await self._home(conn, p.device) for p in periods}
-            periods = [p for p in periods if scope.sees(homes[p.device])
+            homes = await store.homes(conn, {p.device for p in periods})
+            periods = [p for p in periods if scope.sees(homes.get(p.device, 0))
                        or p.tenant_id in scope.bound]
             if q.device:
                 periods = [p for p in periods if p.device == q.device]
             return periods
-        home = await self._home(conn, q.device)
+        home = (await store.homes(conn, {q.device})).get(q.device, 0)
         if home and scope.sees(home):
             return [Period(q.device, store.EVER, store.NEVER)]
         mine = [p for p in await store.bindings_of_device(conn, q.device)
@@ -166,12 +172,6 @@ class Reader:
         if not home or not mine:
             raise NotFound(f"Device/{q.device}")
         return mine
-
-    async def _home(self, conn: Conn, device_id: int) -> int:
-        cur = await conn.execute(b"SELECT coalesce(department_id, tenant_id) FROM devices "
-                                 b"WHERE id = %s", (device_id,))
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
 
     async def observations(self, conn: Conn, subject: str,
                            q: ObservationQuery) -> tuple[Read, Keyset | None]:

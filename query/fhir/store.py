@@ -130,6 +130,15 @@ async def bindings_of_device(conn: Conn, device_id: int) -> list[Period]:
 # Oldest first, in the order the (device_id, ts DESC, seq) index gives read
 # backwards — (ts, seq DESC) — so each device's scan stops after ``limit`` rows
 # instead of sorting its whole window; the keyset follows (ts, device, seq DESC).
+async def homes(conn: Conn, devices: set[int]) -> dict[int, int]:
+    """device id -> its home (department, else tenant), in one round trip."""
+    if not devices:
+        return {}
+    cur = await conn.execute(b"SELECT id, coalesce(department_id, tenant_id) FROM devices "
+                             b"WHERE id = ANY(%s)", (sorted(devices),))
+    return {int(r[0]): int(r[1]) for r in await cur.fetchall()}
+
+
 _FRAMES_SQL = b"""
 SELECT x.device_id, x.ts, x.seq, x.metrics, x.vals
   FROM unnest(%(devs)s::bigint[], %(starts)s::timestamptz[], %(ends)s::timestamptz[]) p (dev, a, z)

@@ -17,7 +17,6 @@ from rmiot.core_ext import ACK_OK
 from rmiot.ingest.client import RmfClient
 from rmiot.ingest.service import IngestService
 from rmiot.observability import Observability
-from tests.conftest import eventually
 from tests.ingest.conftest import Hospital, now_us, vitals
 
 

@@ -27,6 +27,7 @@ import psycopg
 
 from rmiot.query import calendar
 from rmiot.query.access import Scope
+from rmiot.security.interceptor import note_patient
 
 LATEST_DEPTH = 64
 EVER = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
@@ -66,8 +67,11 @@ class Binding:
 # The newest value of each metric among the newest frames, taken apart in the
 # database: a row a metric comes back, not the frames.
 LATEST_SQL = b"""
-SELECT coalesce(d.department_id, d.tenant_id), x.ts, x.metric, x.value
+SELECT coalesce(d.department_id, d.tenant_id), x.ts, x.metric, x.value, pb.pseudonyms
   FROM devices d
+  CROSS JOIN LATERAL (SELECT array_agg(p.pseudonym) AS pseudonyms
+                        FROM device_bindings b JOIN patients p ON p.id = b.patient_id
+                       WHERE b.device_id = d.id AND b.unbound_at IS NULL) pb
   LEFT JOIN LATERAL (
        SELECT DISTINCT ON (u.metric) f.ts, u.metric, u.value
          FROM (SELECT t.ts, t.metrics, t.vals FROM telemetry t
@@ -77,8 +81,12 @@ SELECT coalesce(d.department_id, d.tenant_id), x.ts, x.metric, x.value
  WHERE d.id = %(device)s"""
 
 RAW_SQL = b"""
-SELECT coalesce(d.department_id, d.tenant_id), x.ts, x.seq, x.metrics, x.vals
+SELECT coalesce(d.department_id, d.tenant_id), x.ts, x.seq, x.metrics, x.vals, pb.pseudonyms
   FROM devices d
+  CROSS JOIN LATERAL (SELECT array_agg(DISTINCT p.pseudonym) AS pseudonyms
+                        FROM device_bindings b JOIN patients p ON p.id = b.patient_id
+                       WHERE b.device_id = d.id AND b.bound_at < %(hi)s
+                         AND (b.unbound_at IS NULL OR b.unbound_at > %(lo)s)) pb
   LEFT JOIN LATERAL (SELECT t.ts, t.seq, t.metrics, t.vals FROM telemetry t
                       WHERE t.device_id = d.id AND t.ts >= %(lo)s AND t.ts < %(hi)s
                         AND t.ts >= %(after_ts)s
@@ -117,10 +125,18 @@ async def latest(conn: psycopg.AsyncConnection[Any], scope: Scope, device: int,
     cur = await conn.execute(LATEST_SQL, {"device": device, "depth": LATEST_DEPTH})
     rows = await cur.fetchall()
     since = await _visible_since(conn, scope, device, rows)
+    _read_patients(rows[0][4])
     wanted = set(metrics)
     # A metric whose newest value predates what the caller may see has none to show.
-    return [Value(metric, value, ts) for _, ts, metric, value in rows
+    return [Value(metric, value, ts) for _, ts, metric, value, _ in rows
             if ts is not None and ts >= since and (not wanted or metric in wanted)]
+
+
+def _read_patients(pseudonyms: Sequence[str] | None) -> None:
+    """The patients whose data a read returns (a device bound to them): in
+    the call's audit record (``rmiot audit patient``)."""
+    for pseudonym in pseudonyms or ():
+        note_patient(pseudonym)
 
 
 async def _visible_since(conn: psycopg.AsyncConnection[Any], scope: Scope, device: int,
@@ -158,9 +174,11 @@ async def raw(conn: psycopg.AsyncConnection[Any], scope: Scope, device: int, lo:
         params["periods_to"] = [z for _, z in periods]
         cur = await conn.execute(RAW_SQL, params)
         rows = await cur.fetchall()
+    if any(row[1] is not None for row in rows):
+        _read_patients(rows[0][5])
     wanted = set(metrics)
     out = []
-    for _, ts, seq, ids, vals in rows:
+    for _, ts, seq, ids, vals, _ in rows:
         if ts is None:
             continue
         if wanted:
@@ -197,12 +215,12 @@ async def bindings(conn: psycopg.AsyncConnection[Any], scope: Scope, *, device: 
         raise NotFound(f"{what} not found")
     found = [Binding(r[1], r[2], r[3], r[4] or "", r[5] or "", r[6] or "", r[7], r[8])
              for r in rows if r[1] is not None]
-    if scope.sees(rows[0][0]):
-        return found
-    mine = [b for b in found if b.patient_id is not None and b.tenant_id in scope.bound]
-    if mine:
-        return mine
-    raise NotFound(f"{what} not found")
+    if not scope.sees(rows[0][0]):
+        found = [b for b in found if b.patient_id is not None and b.tenant_id in scope.bound]
+        if not found:
+            raise NotFound(f"{what} not found")
+    _read_patients([b.pseudonym for b in found if b.pseudonym])
+    return found
 
 
 def page_token(frame: Frame) -> str:

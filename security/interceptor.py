@@ -106,6 +106,27 @@ class CallState:
     tenant: int | None = None
     outcome: str = "ok"
     detail: dict[str, Any] = field(default_factory=dict)
+    patient: str | None = None         # the pseudonym of a patient whose data it read
+
+
+_CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("rmiot_call",
+                                                                       default=None)
+
+
+def note_patient(pseudonym: str) -> None:
+    """Say that the RPC being handled reads (or changes) this patient's data:
+    its audit record carries the pseudonym, so ``rmiot audit patient`` finds
+    it. A second patient goes into the record's detail. Outside an RPC (an
+    operator's command reading the database directly) it does nothing."""
+    call = _CALL.get()
+    if call is None or not pseudonym or pseudonym == call.patient:
+        return
+    if call.patient is None:
+        call.patient = pseudonym
+        return
+    others: list[str] = call.detail.setdefault("patients", [])
+    if pseudonym not in others:
+        others.append(pseudonym)
 
 
 class SecurityInterceptor(ServerInterceptor):
@@ -231,10 +252,11 @@ class SecurityInterceptor(ServerInterceptor):
             call, request_id = CallState(), self._request_id(context)
             try:
                 await self.admit(request, context, method, rule, call, streaming_in)
-                token = _CALLER.set(call.caller)
+                token, current = _CALLER.set(call.caller), _CALL.set(call)
                 try:
                     return await behavior(request, context)
                 finally:
+                    _CALL.reset(current)
                     _CALLER.reset(token)
             except Refused as refused:
                 call.outcome, call.detail = refused.outcome, {"error": str(refused)}
@@ -255,11 +277,12 @@ class SecurityInterceptor(ServerInterceptor):
             call, request_id = CallState(), self._request_id(context)
             try:
                 await self.admit(request, context, method, rule, call)
-                token = _CALLER.set(call.caller)
+                token, current = _CALLER.set(call.caller), _CALL.set(call)
                 try:
                     async for item in behavior(request, context):
                         yield item
                 finally:
+                    _CALL.reset(current)
                     _CALLER.reset(token)
             except Refused as refused:
                 call.outcome, call.detail = refused.outcome, {"error": str(refused)}
@@ -288,7 +311,7 @@ class SecurityInterceptor(ServerInterceptor):
             ts=dt.datetime.now(dt.UTC), actor=call.caller.subject,
             role=",".join(call.caller.roles), tenant_id=call.tenant, method=method, object=obj,
             outcome=call.outcome, source=context.peer(), request_id=request_id,
-            detail=call.detail, patient=None))
+            detail=call.detail, patient=call.patient))
 
 
 def certificate_caller(cert: x509.Certificate) -> Caller:

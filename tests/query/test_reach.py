@@ -11,6 +11,7 @@ import grpc
 
 from rmiot.proto import query_pb2 as pb
 from rmiot.query import calendar
+from rmiot.security.patient_access import patient_access
 from tests.query.conftest import Server, refused
 
 MISSING = 9_000_000_000_000
@@ -139,3 +140,29 @@ async def test_a_batch_checks_and_answers_each_item(server: Server) -> None:
 
 def _code(number: int) -> grpc.StatusCode:
     return next(c for c in grpc.StatusCode if c.value[0] == number)
+
+
+async def test_reads_of_a_patients_data_are_in_the_audit_with_the_pseudonym(
+        server: Server) -> None:
+    d = server.district
+    clinician, admin = server.client("clinician_a1"), server.client("admin_a")
+    start = dt.datetime.now(dt.UTC)  # the module's other tests read the patient's data too
+    window = pb.RawRequest(device_id=d.bound_device,
+                           from_us=calendar.to_us(d.bound_at - dt.timedelta(hours=1)),
+                           to_us=calendar.to_us(d.bound_at + dt.timedelta(hours=1)))
+    await clinician("Latest", pb.LatestRequest(device_id=d.bound_device))
+    await admin("Raw", window)
+    await clinician("Binding", pb.BindingRequest(patient_id=d.patient))
+    await admin("Batch", pb.BatchRequest(items=[
+        pb.BatchItem(id="1", latest=pb.LatestRequest(device_id=d.bound_device))]))
+    # A device with no patient bound is no patient's data.
+    await admin("Latest", pb.LatestRequest(device_id=d.monitors[d.a1][0]))
+    before = pb.RawRequest(device_id=d.bound_device,
+                           from_us=calendar.to_us(d.bound_at - dt.timedelta(hours=3)),
+                           to_us=calendar.to_us(d.bound_at - dt.timedelta(hours=2)))
+    await admin("Raw", before)  # before the binding: not the patient's either
+    await server.security.audit.flush()
+    seen = [(a.method.rsplit("/", 1)[-1], a.actor.split("-")[0])
+            for a in patient_access(d.dsn, str(d.patient)) if a.ts >= start]
+    assert sorted(seen) == sorted([("Latest", "user:clinician_a1"), ("Raw", "user:admin_a"),
+                                   ("Binding", "user:clinician_a1"), ("Batch", "user:admin_a")])

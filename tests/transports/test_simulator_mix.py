@@ -11,7 +11,7 @@ import dataclasses
 import psycopg
 
 from rmiot.config import Config
-from rmiot.ingest import simulator
+from rmiot.ingest import city, simulator
 from rmiot.ingest.service import IngestService
 from rmiot.ingest.sim_links import HttpLink, MqttLink
 from tests.conftest import eventually
@@ -26,10 +26,13 @@ async def test_gateways_report_over_mqtt_and_http(transports_cfg: Config,
     sim = await simulator.start_simulation(cfg, "small", hospitals=1, port=service.tcp.port,
                                            speed=30)
     try:
-        assert sim.transports() == {"tcp": 21, "mqtt": 1, "http": 1}
+        own = sum(k.per_hospital for k in city.KINDS if not k.gateway)  # one link each
+        over = {"building": "mqtt", "ward": "http"}
+        tcp_gateways = {k.gateway for k in city.KINDS if k.gateway and k.gateway not in over}
+        assert sim.transports() == {"tcp": own + len(tcp_gateways), "mqtt": 1, "http": 1}
         gateways = [link for link in sim.links if isinstance(link, MqttLink | HttpLink)]
         children = [d for link in gateways for d in link.devices]
-        assert len(children) == 16 + 6 + 3  # wearables; environment sensors and meters
+        assert len(children) == sum(k.per_hospital for k in city.KINDS if k.gateway in over)
         await eventually(lambda: all(link.up for link in gateways), 10, 0.1)
         with psycopg.connect(database, autocommit=True) as conn:
             def reported() -> int:

@@ -25,6 +25,7 @@ class QueryJobs:
         self.cfg = cfg
         self.rollups = RollupJob(db.app_dsn(cfg), JobSettings.of(cfg.query))
         self._retention: asyncio.Task[None] | None = None
+        self._soon: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.rollups.start()
@@ -44,7 +45,24 @@ class QueryJobs:
                             extra={"error": str(exc).strip()})
             await asyncio.sleep(self.cfg.query.retention_period_s)
 
+    def refresh_soon(self, delay_s: float = 3.0) -> None:
+        """One rollup run ``delay_s`` from now, outside the period: after a
+        burst of new devices (a simulated city starting), fleet status shows
+        them online within seconds instead of at the next period."""
+        async def later() -> None:
+            await asyncio.sleep(delay_s)
+            try:
+                await self.rollups.run_once()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("rollup run failed", extra={"error": str(exc).strip()})
+
+        self._soon = asyncio.create_task(later(), name="rollup-soon")
+
     async def stop(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._soon
         await self.rollups.stop()
         if self._retention is not None:
             self._retention.cancel()

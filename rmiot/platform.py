@@ -290,6 +290,8 @@ async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True,
             sim = await start_simulation(cfg, simulate, port=platform.ingest.tcp.port)
             if platform.api is not None:  # its due dates: tasks and alarms now, not in an hour
                 await asyncio.to_thread(platform.api.ops.compliance_pass)
+            if platform.query_jobs is not None:  # its devices online in fleet status at once
+                platform.query_jobs.refresh_soon()
             print(f"simulating {len(sim.hospitals)} hospitals, {sim.devices} devices "
                   f"(rmiot simulate --help)", flush=True)
             assert platform.security is not None

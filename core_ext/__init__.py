@@ -93,6 +93,7 @@ __all__ = [
     "decode_frame",
     "encode_ack",
     "encode_frame",
+    "late_spans",
 ]
 
 
@@ -157,6 +158,7 @@ if TYPE_CHECKING:
         decode_frame,
         encode_ack,
         encode_frame,
+        late_spans,
     )
 
     IMPL: str

@@ -750,6 +750,27 @@ def encode_ack(tenant: int, device: int, seq: int, ts_us: int, status: int) -> b
     return encode_frame(KIND_ACK, tenant, device, seq, ts_us, [(0, 3, status)])
 
 
+def late_spans(frames: Iterable[Frame], before_us: int) -> tuple[list[int], list[int],
+                                                                 list[int]]:
+    """Per device, the first and last ``ts_us`` among the frames measured before
+    ``before_us``: ``(devices, firsts, lasts)``, devices in order of first
+    appearance. On-time frames cost one comparison each."""
+    spans: dict[int, list[int]] = {}
+    for f in frames:
+        ts = f.ts_us
+        if ts >= before_us:
+            continue
+        span = spans.get(f.device)
+        if span is None:
+            spans[f.device] = [ts, ts]
+        elif ts < span[0]:
+            span[0] = ts
+        elif ts > span[1]:
+            span[1] = ts
+    devices = list(spans)
+    return devices, [spans[d][0] for d in devices], [spans[d][1] for d in devices]
+
+
 def copy_header() -> bytes:
     """PostgreSQL binary COPY signature, flags (0) and header extension length (0)."""
     return b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"

@@ -16,9 +16,9 @@ transaction:
 - a row the database refuses for its data (it should not happen: the decoder
   and the pipeline's checks come first) is isolated by bisecting the batch and
   reported as rejected, so one bad row never costs the others;
-- the same transaction marks what it stored for the query service's rollups
-  (``rmiot.ingest.marks``: one small row per batch), so late rows correct
-  buckets already rolled up;
+- the same transaction marks the late frames it stored for the query
+  service's rollups (``rmiot.ingest.marks``: one small row per batch that has
+  any), so late rows correct buckets already rolled up;
 - in the hospital role (``outbox`` set), the same transaction also COPYs the
   newly stored frames into the outbox the uplink drains to the region
   (``rmiot.ingest.outbox``), so nothing committed is missing from it; the

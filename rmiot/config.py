@@ -341,7 +341,8 @@ class QueryConfig:
         _at_least("query.batch_parallel", self.batch_parallel, 1)
         _at_least("query.online_within_s", self.online_within_s, 1)
         _at_least("query.rollup_period_s", self.rollup_period_s, 0.1)
-        _at_least("query.rollup_scan_overlap_s", self.rollup_scan_overlap_s, 0)
+        # ingest.marks marks frames over 60 s late; the scan must cover the rest.
+        _at_least("query.rollup_scan_overlap_s", self.rollup_scan_overlap_s, 90)
         _at_least("query.rollup_open_refresh_s", self.rollup_open_refresh_s, 0)
         _at_least("query.rollup_minute_keep_days", self.rollup_minute_keep_days, 1)
         _at_least("query.retention_period_s", self.retention_period_s, 1)

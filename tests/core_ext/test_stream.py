@@ -700,3 +700,15 @@ def test_any_of_several_keys_may_sign_during_a_rotation(impl: ModuleType) -> Non
     assert events[3].code == "AUTH_FAILED"
     assert impl.decode_frame(frames[0], {9: (new, old)}).seq == 0  # a mapping works too
     assert impl.decode_frame(frames[0], {9: ()}).code == "AUTH_FAILED"  # no key: fails closed
+
+
+def test_late_spans_name_each_devices_late_frames_only(impl: ModuleType) -> None:
+    base = 1_700_000_000_000_000
+    stream = b"".join(impl.encode_frame(1, 5, device, seq, base + ts, [(1, 1, 1.0)])
+                      for device, seq, ts in ((7, 1, 50), (9, 1, 10), (7, 2, 20), (7, 3, 900),
+                                              (9, 2, 30), (8, 1, 950), (7, 4, 5)))
+    frames = [ev for ev in impl.FrameDecoder().feed(stream) if type(ev) is impl.Frame]
+    assert impl.late_spans(frames, base + 100) == ([7, 9], [base + 5, base + 10],
+                                                   [base + 50, base + 30])
+    assert impl.late_spans(frames, base) == ([], [], [])
+    assert impl.late_spans([], base) == ([], [], [])

@@ -1,7 +1,7 @@
-"""The batch writer marks what it stored for the query service's rollups, in
-the transaction of the COPY: a late frame (hours old) arriving over TCP leaves
-a mark naming its device and ts, a retransmission stored once adds no second
-mark of that frame, and marks name only what was stored."""
+"""The batch writer marks the late frames it stored for the query service's
+rollups, in the transaction of the COPY: a late frame (hours old) arriving over
+TCP leaves a mark naming its device and ts, an on-time one none (the rollup
+job's scan finds it), a retransmission stored once adds no second mark."""
 
 from __future__ import annotations
 
@@ -53,3 +53,11 @@ async def test_a_duplicate_adds_no_mark(client: RmfClient, hospital: Hospital) -
     assert client.statuses == {ACK_OK: 1, ACK_DUPLICATE: 1}
     assert marks_of(hospital, hospital.plain) == before
     assert hospital.stored(hospital.plain) == 1
+
+
+async def test_an_on_time_frame_is_left_to_the_scan(client: RmfClient,
+                                                    hospital: Hospital) -> None:
+    client.send(vitals(hospital.tenant, hospital.plain, 1, now_us()), hospital.plain, 1)
+    await client.drain()
+    assert await client.wait_acked(5)
+    assert hospital.stored(hospital.plain) == 1 and marks_of(hospital, hospital.plain) == []

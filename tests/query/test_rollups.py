@@ -6,7 +6,6 @@ saying so."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
 import psycopg
 
@@ -18,14 +17,6 @@ from tests.query.conftest import Server
 from tests.query.test_results import FRACTIONS, check, expected
 
 
-@dataclass(frozen=True)
-class Stored:
-    """What the batch writer knows of a stored frame."""
-
-    device: int
-    ts_us: int
-
-
 async def store(dsn: str, device: int, ts: dt.datetime, vals: list[float],
                 mark: bool = True) -> None:
     """One frame written the way the batch writer writes it: row and mark in
@@ -35,8 +26,8 @@ async def store(dsn: str, device: int, ts: dt.datetime, vals: list[float],
             "INSERT INTO telemetry (ts, device_id, tenant_id, seq, kind, metrics, vals) "
             "SELECT %s, id, tenant_id, 900000 + (random() * 1e6)::int, 1, '{1,2,3,4}', %s "
             "FROM devices WHERE id = %s", (ts, vals, device))
-        if mark:
-            await marks.mark_stored(conn, [Stored(device, calendar.to_us(ts))])
+        if mark:  # as the writer marks a late frame
+            await conn.execute(marks.MARK_SQL, ([device], [ts], [ts]))
 
 
 async def hourly(server: Server, lo: dt.datetime, hi: dt.datetime, bucket_s: int = 3600,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import fresh_database  # benches/common.py
+from common import cpu_s, fresh_database, postgres_cpu_s  # benches/common.py
 
 from rmiot import db
 from rmiot.core_ext import (
@@ -82,25 +82,6 @@ def register(dsn: str) -> tuple[int, int]:
     return hospital, first
 
 
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu_s() -> float:
-    """user+sys CPU seconds of every postgres process on the machine."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if "(postgres)" in text:
-            fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def proc_peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -137,7 +118,7 @@ def run_e2e(cfg: Any, tenant: int, first_device: int) -> dict[str, float]:
             line = server.stdout.readline()
             if not line.startswith("PORT "):
                 raise RuntimeError(f"ingest server did not start: {line!r}")
-        cpu0 = sum(proc_cpu_s(s.pid) for s in servers)
+        cpu0 = sum(cpu_s(s.pid) for s in servers)
         pg0 = postgres_cpu_s()
         out = subprocess.run(
             [sys.executable, str(HERE / "loadgen.py"), "--port", str(port),
@@ -145,7 +126,7 @@ def run_e2e(cfg: Any, tenant: int, first_device: int) -> dict[str, float]:
              "--devices", str(DEVICES), "--seconds", str(SECONDS), "--fields", str(FIELDS),
              "--frames-per-device", str(max(1000, 3_000_000 // DEVICES))],
             capture_output=True, text=True, check=True, env=env)
-        cpu = sum(proc_cpu_s(s.pid) for s in servers) - cpu0
+        cpu = sum(cpu_s(s.pid) for s in servers) - cpu0
         pg_cpu = postgres_cpu_s() - pg0
         rss = sum(proc_peak_rss_mb(s.pid) for s in servers)
         gen = json.loads(out.stdout.strip().splitlines()[-1])

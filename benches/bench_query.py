@@ -35,12 +35,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import uvloop
+from common import cpu_s, postgres_cpu_s  # benches/common.py
 
 from rmiot import db
 from rmiot.config import Config, load
@@ -292,26 +292,6 @@ async def phase(clients: Clients, seconds: float,
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_s(pid: int) -> float:
-    """user+sys CPU seconds of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu_s() -> float:
-    """user+sys CPU seconds of every postgres process on the machine."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if "(postgres)" in text:
-            fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 async def measure(cfg: Config, fx: Fixture, port: int, server_pid: int) -> dict[str, Any]:

@@ -64,3 +64,26 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_s() -> float:
+    """user+sys CPU seconds of the machine's PostgreSQL servers: every live
+    postgres process, plus what each postmaster's exited children used (their
+    time moves there when they end), so connections closing in between do
+    not make the figure go down."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    found: dict[int, tuple[int, list[str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            found[int(stat.parent.name)] = (int(fields[1]), fields)
+    for _, (parent, fields) in found.items():
+        total += (int(fields[11]) + int(fields[12])) / tick
+        if parent not in found:  # a postmaster: its reaped backends' time too
+            total += (int(fields[13]) + int(fields[14])) / tick
+    return total

@@ -54,3 +54,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for chatty in QUIET:  # libraries narrating their own steps at info level
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+
+
+QUIET = ("weasyprint", "fontTools", "aiocoap", "pynetdicom")

@@ -279,7 +279,7 @@ async def serve(cfg: Config, infra: Infrastructure, on_ready: bool = True,
             print(f"rmiot {cfg.platform.role} platform is up:", flush=True)
             for e in endpoints:
                 print(f"  {e.name:<{width}}  {e.address}  {e.detail}".rstrip(), flush=True)
-            if not await _has_tenants(cfg):
+            if not simulate and not await _has_tenants(cfg):
                 print("No tenants yet. Create the region and its security administrator:\n"
                       '  R=$(.venv/bin/rmiot tenants create city "City Health Commission" '
                       "--level region)\n"

@@ -6,10 +6,10 @@
    with no rule enabled and with 1,000 rules enabled (hospital-wide,
    per-department and per-device thresholds on the frames' metrics, so every
    frame is evaluated against ~40 rules that stay quiet), four times each in
-   an ABBA BAAB order; the ratio of the means. On a machine shared with other work the throughput
-   swings with their load, so ``ingest_cpu_ratio`` says the same from the
-   ingest processes' own CPU time per frame (without ÷ with rules), which
-   the neighbours barely move;
+   an ABBA BAAB order after a warm-up run; the ratio of the means. On a
+   machine shared with other work the throughput swings with their load, so
+   ``ingest_cpu_ratio`` says the same from the ingest processes' own CPU
+   time per frame (without ÷ with rules), which the neighbours barely move;
 2. alarm latency: ingest at half the throughput measured with the rules,
    by paced device connections (a process of their own), while a probe device
    sends a frame with SpO2 80 % (rule: < 90 %, critical): from the moment its
@@ -312,10 +312,12 @@ def main() -> None:
                 raise RuntimeError(f"ingest server did not start: {line!r}")
         rates: dict[bool, list[float]] = {False: [], True: []}
         cpu: dict[bool, list[float]] = {False: [], True: []}
+        pids = [server.pid for server in servers]
+        rate, _ = loadgen(port, hospital, devices[0], env, pids)  # warm-up, not counted
+        say(f"warm-up: {rate:,.0f} frames/s")
         for enabled in ROUNDS:
             active = set_rules(dsn, enabled)
-            rate, per_million = loadgen(port, hospital, devices[0], env,
-                                        [server.pid for server in servers])
+            rate, per_million = loadgen(port, hospital, devices[0], env, pids)
             rates[enabled].append(rate)
             cpu[enabled].append(per_million)
             say(f"ingest with {active} rules enabled: {rate:,.0f} frames/s, "

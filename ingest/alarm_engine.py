@@ -55,7 +55,13 @@ from rmiot.ingest.alarm_eval import (
     ThresholdEval,
     Transition,
 )
-from rmiot.ingest.alarm_rules import RULE_COLUMNS, Rule, resolve, rule_from_row
+from rmiot.ingest.alarm_rules import (
+    NOT_ON_TELEMETRY,
+    RULE_COLUMNS,
+    Rule,
+    resolve,
+    rule_from_row,
+)
 
 log = logging.getLogger("rmiot.ingest.alarms")
 
@@ -154,6 +160,8 @@ class RuleBook(ChangeFollower):
         filters = offline = False
         for row in await cur.fetchall():
             rule = rule_from_row(row)
+            if rule.kind in NOT_ON_TELEMETRY:
+                continue
             if rule.device_id is not None:
                 by_device.setdefault(rule.device_id, []).append(rule)
             elif rule.patient_id is not None:

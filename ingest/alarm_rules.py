@@ -49,7 +49,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("threshold", "rate", "offline", "fault", "battery", "zone", "energy", "filter")
+KINDS = ("threshold", "rate", "offline", "fault", "battery", "zone", "energy", "filter",
+         "compliance")
+# Raised by the platform from compliance tasks (rmiot.compliance_alarms), never
+# evaluated on telemetry: the rule engine leaves them out.
+NOT_ON_TELEMETRY = frozenset({"compliance"})
 SEVERITIES = ("warning", "minor", "major", "critical")
 RANK = {s: i + 1 for i, s in enumerate(SEVERITIES)}
 OPS = ("<", "<=", ">", ">=")

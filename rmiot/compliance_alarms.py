@@ -9,9 +9,8 @@ reminds and escalates; the registry may not import the alarm subsystem
 - a task's first reminder raises an alarm on its device (severity
   ``warning``), under a rule ``compliance.<kind>`` of the device's hospital
   (``calibration``, ``metrology`` or ``inspection``), which this module makes
-  when missing. The rule is **disabled**: telemetry never evaluates it (the
-  alarm kinds of migration 0014 have no compliance kind), it names the alarms
-  and lets a hospital see where they come from;
+  when missing. Its kind, ``compliance``, is never evaluated on telemetry; the
+  rule names the alarms and lets a hospital see where they come from;
 - each escalation level of the task escalates that alarm: ``escalated``
   event, ``escalation_step`` = the level, severity ``minor``, ``major``,
   ``critical`` for levels 1, 2, 3 and up, and whom the compliance policy
@@ -92,7 +91,7 @@ class ComplianceAlarms(PeriodicJob):
         self._rules: dict[tuple[int, str], Rule] = {}
 
     async def _rule(self, conn: alarm_store.AsyncConn, hospital: int, kind: str) -> Rule:
-        """The hospital's (disabled) rule for compliance alarms of ``kind``."""
+        """The hospital's rule for compliance alarms of ``kind``."""
         key = (hospital, kind)
         if key not in self._rules:
             for _ in range(2):  # another host may make it at the same moment
@@ -106,8 +105,8 @@ class ComplianceAlarms(PeriodicJob):
                     break
                 with contextlib.suppress(RuleError):
                     self._rules[key] = await put_rule(conn, hospital, 0, RuleSpec(
-                        hospital, code(kind), f"{NAMES[kind]} (compliance tasks; kept disabled)",
-                        "fault", SEVERITY[0], False, {}, {}), ACTOR)
+                        hospital, code(kind), f"{NAMES[kind]} (compliance tasks)",
+                        "compliance", SEVERITY[0], True, {}, {}), ACTOR)
                     break
         return self._rules[key]
 

@@ -196,3 +196,25 @@ async def test_energy_deviation_from_the_same_hour_of_week(
     await dev.send(3600 + 60, [(200, 1, 100.0)])              # next hour: judge the first
     assert await wait_events(hospital.dsn, hospital.plain, 1) == [
         ("energy", "raised", "active")]
+
+
+async def test_compliance_rules_are_never_evaluated_on_telemetry(
+        hospital: Hospital, ingest: IngestService, client: RmfClient) -> None:
+    """A hospital's compliance.<kind> rules are the platform's (raised from
+    compliance tasks): the engine leaves them out, and the rules beside them
+    work as before."""
+    compliance = await put_rule(hospital.dsn, hospital.tenant, "compliance", {},
+                                code="compliance.calibration")
+    battery = await put_rule(hospital.dsn, hospital.tenant, "battery", {}, code="battery-low")
+    await rules_loaded(ingest, battery)
+    dev = Sender(client, hospital, hospital.plain)
+    await dev.send(0, [(BATTERY, 1, 50.0), (ERROR, 3, 9), (STATE, 3, 2)])
+    await dev.send(1, [(BATTERY, 1, 10.0)])
+    assert await wait_events(hospital.dsn, hospital.plain, 1) == [
+        ("battery-low", "raised", "active")]
+    await settle(ingest)
+    book = ingest.rules
+    assert compliance.id not in {r.id for group in (book.by_tenant, book.by_device,
+                                                    book.by_patient)
+                                 for rules in group.values() for r in rules}
+    assert len(await alarm_events(hospital.dsn, hospital.plain)) == 1

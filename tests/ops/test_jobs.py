@@ -116,10 +116,10 @@ async def test_compliance_reminders_and_escalations_become_alarms(district: Dist
         assert alarms[late][:5] == ("compliance.calibration", "major", "active", 2, d.icu_a)
         assert "overdue 10 days" in alarms[late][5]
         assert alarms[soon][:4] == ("compliance.inspection", "warning", "active", 0)
-        rules = conn.execute("SELECT DISTINCT r.enabled, r.tenant_id FROM alarm_rules r "
+        rules = conn.execute("SELECT DISTINCT r.kind, r.enabled, r.tenant_id FROM alarm_rules r "
                              "JOIN alarms a ON a.rule_id = r.id WHERE a.device_id = ANY (%s)",
                              ([late, soon],)).fetchall()
-        assert rules == [(False, d.hospital_a)]  # never evaluated on telemetry
+        assert rules == [("compliance", True, d.hospital_a)]  # never evaluated on telemetry
         queued = conn.execute(
             "SELECT count(*) FROM alarm_deliveries q JOIN alarm_events e ON e.id = q.event_id "
             "JOIN alarms a ON a.id = e.alarm_id WHERE a.device_id = ANY (%s)",

@@ -11,8 +11,10 @@ bound to the channel id) and never read back.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -144,9 +146,16 @@ _CHANNEL_COLUMNS = ("id, tenant_id, kind, target, min_severity, events, max_atte
 
 
 def _check_channel(kind: str, target: str, secret: bytes, events: list[str]) -> None:
-    if kind not in ("webhook", "mqtt"):
-        raise RuleError("kind: webhook or mqtt")
-    if kind == "webhook":
+    if kind not in ("webhook", "mqtt", "hl7", "fhir"):
+        raise RuleError("kind: webhook, mqtt, hl7 or fhir")
+    if kind == "hl7":
+        url = urlsplit(target)
+        if url.scheme not in ("mllp", "mllps") or not url.hostname or not _port(url):
+            raise RuleError("target: mllp://host:port or mllps://host:port (TLS)")
+    elif kind == "fhir":
+        if not target.startswith(("https://", "http://")):
+            raise RuleError("target: the FHIR base URL, http(s)")
+    elif kind == "webhook":
         if not target.startswith(("https://", "http://")):
             raise RuleError("target: an http(s) URL")
         if len(secret) < 16:
@@ -194,6 +203,80 @@ async def put_channel(conn: AsyncConn, scope: int, channel_id: int, keyring: Key
             await conn.execute(b"UPDATE alarm_channels SET secret_enc = %s WHERE id = %s",
                                (keyring.seal(secret, channel_secret_aad(stored.id)), stored.id))
     return stored
+
+
+def _port(url: SplitResult) -> int | None:
+    try:
+        return url.port
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    id: int
+    tenant_id: int
+    channel_id: int
+    metrics: list[int]
+    max_frames: int
+    start_at: dt.datetime
+    enabled: bool
+
+
+_SUBSCRIPTION_COLUMNS = "id, tenant_id, channel_id, metrics, max_frames, start_at, enabled"
+
+
+async def put_subscription(conn: AsyncConn, scope: int, sub: Subscription,
+                           actor: str) -> Subscription:
+    """Create (id 0) or replace an observation subscription: its tenant in the
+    scope's subtree, its channel an hl7 or fhir channel of an ancestor of that
+    tenant (or the tenant itself) within the scope."""
+    if not await _in_scope(conn, scope, sub.tenant_id):
+        raise AlarmNotFound(f"tenant {sub.tenant_id} not found")
+    cur = await conn.execute(
+        f"SELECT kind FROM alarm_channels WHERE id = %s AND {IN_SUBTREE} AND tenant_id = ANY "
+        f"((SELECT path FROM tenants WHERE id = %s)::int[])".encode(),
+        (sub.channel_id, scope, sub.tenant_id))
+    row = await cur.fetchone()
+    if row is None:
+        raise AlarmNotFound(f"channel {sub.channel_id} not found")
+    if row[0] not in ("hl7", "fhir"):
+        raise RuleError("channel: observations go to hl7 or fhir channels")
+    if not 1 <= (sub.max_frames or 100) <= 1000:
+        raise RuleError("max_frames: 1 to 1000")
+    values = (sub.tenant_id, sub.channel_id, sub.metrics, sub.max_frames or 100, sub.start_at,
+              sub.enabled)
+    if sub.id:
+        cur = await conn.execute(
+            f"UPDATE outbound_subscriptions SET tenant_id = %s, channel_id = %s, metrics = %s, "
+            f"max_frames = %s, start_at = %s, enabled = %s WHERE id = %s AND {IN_SUBTREE} "
+            f"RETURNING {_SUBSCRIPTION_COLUMNS}".encode(), (*values, sub.id, scope))
+    else:
+        cur = await conn.execute(
+            f"INSERT INTO outbound_subscriptions (tenant_id, channel_id, metrics, max_frames, "
+            f"start_at, enabled, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            f"RETURNING {_SUBSCRIPTION_COLUMNS}".encode(), (*values, actor))
+    got = await cur.fetchone()
+    if got is None:
+        raise AlarmNotFound(f"subscription {sub.id} not found")
+    return Subscription(*got)
+
+
+async def delete_subscription(conn: AsyncConn, scope: int, sub_id: int) -> Subscription:
+    """Disabled, not deleted: its cursors and deliveries stay."""
+    cur = await conn.execute(
+        f"UPDATE outbound_subscriptions SET enabled = false WHERE id = %s AND {IN_SUBTREE} "
+        f"RETURNING {_SUBSCRIPTION_COLUMNS}".encode(), (sub_id, scope))
+    row = await cur.fetchone()
+    if row is None:
+        raise AlarmNotFound(f"subscription {sub_id} not found")
+    return Subscription(*row)
+
+
+async def list_subscriptions(conn: AsyncConn, scope: int) -> list[Subscription]:
+    cur = await conn.execute(f"SELECT {_SUBSCRIPTION_COLUMNS} FROM outbound_subscriptions "
+                             f"WHERE {IN_SUBTREE} ORDER BY id".encode(), (scope,))
+    return [Subscription(*row) for row in await cur.fetchall()]
 
 
 async def delete_channel(conn: AsyncConn, scope: int, channel_id: int) -> Channel:

@@ -11,7 +11,10 @@ table: rows are claimed with SKIP LOCKED under a lease) sends what is due:
   id: a receiver that saw it already ignores the repeat). Any 2xx is the
   receipt;
 - mqtt: a QoS 1 publish of the same JSON to the channel's topic on the
-  platform's broker; the broker's PUBACK is the receipt.
+  platform's broker; the broker's PUBACK is the receipt;
+- hl7, fhir (hospital systems), and observation batches (rows without an
+  event): handed to the ``outbound`` sender (``rmiot.outbound``), which says
+  whether the peer took it.
 
 A failure is retried after ``backoff_s * 2^(attempts-1)`` (at most an hour);
 after ``max_attempts`` the delivery is ``dead`` (the dead letter: it stays
@@ -50,6 +53,10 @@ MAX_BACKOFF_S = 3600.0
 BATCH = 100
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+# (connection, delivery id, event id or None, channel id, kind, target, channel's
+# tenant) -> (delivered, status, error)
+SendOutbound = Callable[[psycopg.AsyncConnection[Any], int, int | None, int, str, str, int],
+                        Awaitable[tuple[bool, int | None, str | None]]]
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -68,10 +75,12 @@ def signature(secret: bytes, timestamp: str, body: bytes) -> str:
 
 class Notifier:
     def __init__(self, dsn: str, keyring: Keyring, publish: Publish | None = None,
-                 clock: Callable[[], float] = time.time, poll_s: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, poll_s: float = 1.0,
+                 outbound: SendOutbound | None = None) -> None:
         self.dsn = dsn
         self.keyring = keyring
         self.publish = publish  # MQTT: (topic, payload); None: mqtt channels fail
+        self.outbound = outbound  # hl7, fhir; None: those channels fail
         self.clock = clock
         self.poll_s = poll_s
         self._db = alarm_store.StandingConnection(dsn)
@@ -146,17 +155,23 @@ class Notifier:
                     "delivery": delivery, "attempts": tries, "error": error})
         return len(claimed)
 
-    async def _attempt(self, conn: psycopg.AsyncConnection[Any], delivery: int, event_id: int,
-                       channel_id: int, attempts: int
+    async def _attempt(self, conn: psycopg.AsyncConnection[Any], delivery: int,
+                       event_id: int | None, channel_id: int, attempts: int
                        ) -> tuple[bool, int | None, str | None, int, float]:
         cur = await conn.execute(
-            b"SELECT kind, target, secret_enc, max_attempts, backoff_s, enabled "
+            b"SELECT kind, target, secret_enc, max_attempts, backoff_s, enabled, tenant_id "
             b"FROM alarm_channels WHERE id = %s", (channel_id,))
         row = await cur.fetchone()
         assert row is not None
-        kind, target, sealed, max_attempts, backoff, enabled = row
+        kind, target, sealed, max_attempts, backoff, enabled, tenant = row
         if not enabled:
             return False, None, "channel disabled", 1, backoff
+        if kind in ("hl7", "fhir") or event_id is None:
+            if self.outbound is None:
+                return False, None, f"no {kind} sender", max_attempts, backoff
+            ok, status, error = await self.outbound(conn, delivery, event_id, channel_id, kind,
+                                                    target, tenant)
+            return ok, status, error, max_attempts, backoff
         events = await alarm_store.events_after(conn, event_id - 1, 1)
         body = orjson.dumps(event_json(events[0]))
         try:

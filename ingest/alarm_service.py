@@ -25,13 +25,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from rmiot.grpc_server import Context, Service
 from rmiot.ingest import alarm_admin, alarm_store
-from rmiot.ingest.alarm_admin import Channel, RuleSpec
+from rmiot.ingest.alarm_admin import Channel, RuleSpec, Subscription
 from rmiot.ingest.alarm_escalation import EscalationRunner
 from rmiot.ingest.alarm_feed import AlarmFeed
 from rmiot.ingest.alarm_mqtt import AlarmPublisher
 from rmiot.ingest.alarm_notify import Notifier
 from rmiot.ingest.alarm_rules import RANK, SEVERITIES, Rule, RuleError
-from rmiot.ingest.alarm_store import Alarm, AlarmError, AlarmNotFound, Event, to_us
+from rmiot.ingest.alarm_store import Alarm, AlarmError, AlarmNotFound, Event, from_us, to_us
 from rmiot.ingest.alarm_writer import AuditSink
 from rmiot.proto import alarm_pb2, alarm_pb2_grpc
 from rmiot.security.interceptor import MethodRule, current_caller
@@ -53,6 +53,10 @@ RULES = {
     f"/{SERVICE}/ListChannels": MethodRule("alarm", "manage", "tenant_id"),
     f"/{SERVICE}/PutChannel": MethodRule("alarm", "manage", "tenant_id", "id"),
     f"/{SERVICE}/DeleteChannel": MethodRule("alarm", "manage", "tenant_id", "channel_id"),
+    f"/{SERVICE}/ListSubscriptions": MethodRule("alarm", "manage", "tenant_id"),
+    f"/{SERVICE}/PutSubscription": MethodRule("alarm", "manage", "tenant_id", "id"),
+    f"/{SERVICE}/DeleteSubscription": MethodRule("alarm", "manage", "tenant_id",
+                                                 "subscription_id"),
 }
 MAX_PAGE = 1000
 
@@ -116,6 +120,12 @@ def _json_object(text: str, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RuleError(f"{name}: a JSON object")
     return value
+
+
+def subscription_to_proto(s: Subscription) -> alarm_pb2.Subscription:
+    return alarm_pb2.Subscription(id=s.id, tenant_id=s.tenant_id, channel_id=s.channel_id,
+                                  metrics=s.metrics, max_frames=s.max_frames,
+                                  start_us=to_us(s.start_at), enabled=s.enabled)
 
 
 class AlarmServicer(alarm_pb2_grpc.AlarmServiceServicer):
@@ -301,6 +311,48 @@ class AlarmServicer(alarm_pb2_grpc.AlarmServiceServicer):
             await self._fail(context, exc)
         return channel_to_proto(gone)
 
+    async def ListSubscriptions(self, request: alarm_pb2.ListSubscriptionsRequest,
+                                context: Context) -> alarm_pb2.ListSubscriptionsReply:
+        async with self.pool.connection() as conn:
+            found = await alarm_admin.list_subscriptions(conn, _scope(request.tenant_id))
+        return alarm_pb2.ListSubscriptionsReply(
+            subscriptions=[subscription_to_proto(s) for s in found])
+
+    async def PutSubscription(self, request: alarm_pb2.Subscription,
+                              context: Context) -> alarm_pb2.Subscription:
+        scope = _scope(request.tenant_id)
+        sub = Subscription(request.id, scope, request.channel_id, list(request.metrics),
+                           request.max_frames, from_us(request.start_us) if request.start_us
+                           else self.clock(), request.enabled)
+        try:
+            async with self.pool.connection() as conn:
+                stored = await alarm_admin.put_subscription(conn, scope, sub,
+                                                            current_caller().subject)
+        except (RuleError, AlarmNotFound) as exc:
+            await self._fail(context, exc)
+        return subscription_to_proto(stored)
+
+    async def DeleteSubscription(self, request: alarm_pb2.SubscriptionRequest,
+                                 context: Context) -> alarm_pb2.Subscription:
+        try:
+            async with self.pool.connection() as conn:
+                gone = await alarm_admin.delete_subscription(conn, _scope(request.tenant_id),
+                                                             request.subscription_id)
+        except AlarmNotFound as exc:
+            await self._fail(context, exc)
+        return subscription_to_proto(gone)
+
+
+class Outbound(Protocol):
+    """Hospital systems' channels (hl7, fhir) and observation subscriptions
+    (``rmiot.outbound``, which ingest may not import)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send(self, conn: Any, delivery: int, event_id: int | None, channel_id: int,
+                   kind: str, target: str, tenant: int
+                   ) -> tuple[bool, int | None, str | None]: ...
+
 
 class AlarmServices:
     """The feed, escalation and notifier of one platform process, and the
@@ -308,11 +360,13 @@ class AlarmServices:
 
     def __init__(self, dsn: str, pool: AsyncConnectionPool, authorizer: Authorizer,
                  keyring: Keyring, audit: AuditSink | None,
-                 mqtt: AlarmPublisher | None = None) -> None:
+                 mqtt: AlarmPublisher | None = None, outbound: Outbound | None = None) -> None:
         self.feed = AlarmFeed(dsn)
         self.escalation = EscalationRunner(dsn, audit)
         self.mqtt = mqtt  # None: MQTT channels fail (and dead-letter)
-        self.notifier = Notifier(dsn, keyring, mqtt.publish if mqtt is not None else None)
+        self.outbound = outbound  # None: hl7 and fhir channels fail (and dead-letter)
+        self.notifier = Notifier(dsn, keyring, mqtt.publish if mqtt is not None else None,
+                                 outbound=outbound.send if outbound is not None else None)
         self.servicer = AlarmServicer(pool, authorizer, self.feed, keyring)
 
     async def start(self) -> None:
@@ -320,6 +374,8 @@ class AlarmServices:
         await self.escalation.start()
         if self.mqtt is not None:
             await self.mqtt.start()
+        if self.outbound is not None:
+            await self.outbound.start()
         await self.notifier.start()
 
     def service(self) -> Service:
@@ -328,6 +384,8 @@ class AlarmServices:
 
     async def stop(self) -> None:
         await self.notifier.stop()
+        if self.outbound is not None:
+            await self.outbound.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.escalation.stop()

@@ -33,6 +33,7 @@ from rmiot.ingest.workers import WorkerPool
 from rmiot.interop import Interop
 from rmiot.observability import Observability
 from rmiot.ops_reports import MonthlyReports
+from rmiot.outbound import Outbound
 from rmiot.periodic import PeriodicJob
 from rmiot.query import service as query_service
 from rmiot.query.dashboard.demo import simulation_viewer
@@ -110,7 +111,8 @@ class Api:
         self.ops = ops_service.OpsServices(security.dsn, OpsEnergy(security.dsn))
         self.alarms = alarm_service.AlarmServices(
             security.dsn, security.pool, security.authorizer, security.keyring, security.audit,
-            mqtt=AlarmPublisher(security.cfg))
+            mqtt=AlarmPublisher(security.cfg),
+            outbound=Outbound(security.dsn, security.keyring, security.audit))
 
     async def start(self) -> None:
         await self.registry.start()

@@ -66,12 +66,18 @@ class Keyring:
     @classmethod
     def load(cls, directory: Path, create: bool = True) -> Keyring:
         ring = cls(directory)
-        if directory.is_dir():
-            for path in directory.glob("kek-*"):
-                ring.keys[int(path.name[4:])] = path.read_bytes()
+        ring._read()
         if not ring.keys and create:
-            ring.rotate()
+            try:
+                ring.rotate()
+            except FileExistsError:  # another process made the first key this moment
+                ring._read()
         return ring
+
+    def _read(self) -> None:
+        if self.directory.is_dir():
+            for path in self.directory.glob("kek-*"):
+                self.keys[int(path.name[4:])] = path.read_bytes()
 
     def rotate(self) -> int:
         """Add a new key; it seals everything from now on. Returns its id."""
@@ -82,9 +88,19 @@ class Keyring:
         self.directory.chmod(0o700)
         key = secrets.token_bytes(KEY_LEN)
         path = self.directory / f"kek-{new_id}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
+        # Written whole under a name of its own, then linked into place: a key
+        # file is never seen half-written, and linking fails (FileExistsError)
+        # when another process made that key first.
+        tmp = self.directory / f".kek-{new_id}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+        finally:
+            tmp.unlink()
         self.keys[new_id] = key
         return new_id
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,22 @@ def test_sm4_gcm_seals_binds_and_rotates(tmp_path: Path) -> None:
     (tmp_path / "keys" / "kek-1").unlink()  # crypto-shredding key 1
     with pytest.raises(SealError, match="not in the keyring"):
         Keyring.load(tmp_path / "keys").open(sealed, b"patient:7")
+
+
+def test_processes_starting_together_make_one_first_key(tmp_path: Path) -> None:
+    """Ingest processes start at once on a fresh machine: every one of them
+    ends up with the same single key, whole, whoever made it."""
+    code = ("import sys; from pathlib import Path; from rmiot.security.sm4 import Keyring; "
+            "ring = Keyring.load(Path(sys.argv[1])); print(ring.keys[1].hex(), len(ring.keys))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "keys")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    seen = {out.split()[0] for out, _ in outs}
+    assert len(seen) == 1 and len(bytes.fromhex(seen.pop())) == 16
+    assert {out.split()[1] for out, _ in outs} == {"1"}
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["kek-1"]
 
 
 def test_sm4_known_answer() -> None:

@@ -47,6 +47,8 @@ from rmiot.tenants import store as tenants_store
 
 PUSH_STREAMS = int(os.environ.get("BENCH_PUSH_STREAMS", "8"))
 PUSH_FRAMES = int(os.environ.get("BENCH_PUSH_FRAMES", "4000"))
+POOL_FRAMES = int(os.environ.get("BENCH_POOL_FRAMES",
+                                 str(600_000 * int(os.environ.get("BENCH_SECONDS", "8")))))
 LIVE_FPS = int(os.environ.get("BENCH_LIVE_FPS", "5000"))
 OUTAGE_S = int(os.environ.get("BENCH_OUTAGE_S", "20"))
 CERT_NAME = "bench-transports-hospital"
@@ -129,20 +131,29 @@ async def push_load(args: argparse.Namespace, pems: tuple[bytes, bytes, bytes]
     creds = grpc.ssl_channel_credentials(*pems)
     streams = min(PUSH_STREAMS, args.devices)
     per_stream = args.devices // streams
-    start_us = time.time_ns() // 1000 - 3_600_000_000
     ok = other = 0
+    count = max(8, POOL_FRAMES // streams // PUSH_FRAMES)
 
-    def batches(first: int) -> list[bytes]:
-        """This stream's share of 3 million frames (as loadgen.py has), built
-        before the clock starts; a stream that runs out stops early."""
+    def batches(first: int, start_us: int, count: int = count) -> list[bytes]:
+        """This stream's share of POOL_FRAMES frames (as many as the TCP load
+        has), built before the clock starts; a stream that runs out stops early."""
         out, seq = [], 0
-        for _ in range(max(8, 3_000_000 // streams // PUSH_FRAMES)):
+        for _ in range(count):
             out.append(b"".join(telemetry_frame(
                 args.tenant, first + i % per_stream, seq + i // per_stream,
                 start_us + (seq + i // per_stream) * 1000, args.fields)
                 for i in range(PUSH_FRAMES)))
             seq += PUSH_FRAMES // per_stream + 1
         return out
+
+    # Live data, as a hospital platform pushes it and as the TCP load sends
+    # it: measured from 10 s before the clock starts on (building the frames
+    # takes a while: timed on a sample first), not an hour ago — frames over a
+    # minute late cost the writer a rollup mark, as they should.
+    t_build = time.monotonic()
+    batches(args.first_device, 0, 1)
+    building_s = (time.monotonic() - t_build) * count * streams
+    start_us = time.time_ns() // 1000 + int((building_s - 10) * 1_000_000)
 
     async def stream(index: int, work: list[bytes]) -> None:
         nonlocal ok, other
@@ -157,7 +168,7 @@ async def push_load(args: argparse.Namespace, pems: tuple[bytes, bytes, bytes]
                 ok += reply.statuses.get("OK", 0)
                 other += sum(v for k, v in reply.statuses.items() if k != "OK")
 
-    work = [batches(args.first_device + s * per_stream) for s in range(streams)]
+    work = [batches(args.first_device + s * per_stream, start_us) for s in range(streams)]
     t0, cpu0 = time.monotonic(), time.process_time()
     deadline = t0 + args.seconds
     await asyncio.gather(*(stream(i, w) for i, w in enumerate(work)))

@@ -155,15 +155,14 @@ class PushServicer(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(events)} frames in one request: at most {MAX_FRAMES}")
         reply = ingest_pb2.PushReply(batch_id=request.batch_id, frames=len(events))
-        groups, count, refused = self._admit(events)
+        frames, refused = self._admit(events)
         await self.gate.open.wait()
-        call = PushCall(count)
-        if count:
-            # One accept per device: its frames stay in order and in one batch,
-            # and the pipeline's per-device work is done once per device.
-            accept = self.pipeline.accept
-            for group in groups.values():
-                accept(group, call)
+        call = PushCall(len(frames))
+        if frames:
+            # One accept for the request, as for one read of a TCP stream:
+            # each device's frames stay in order, and the pipeline's
+            # per-device work is done once per device.
+            self.pipeline.accept(frames, call)
             # The request gives nothing more: commands are not sent down a push.
             self.pipeline.input_ended(call)
             self.pipeline.flush()
@@ -173,7 +172,7 @@ class PushServicer(ingest_pb2_grpc.IngestServiceServicer):
             statuses[code] += 1
             reply.refused.add(device_id=device, seq=seq, ts_us=ts_us, code=code)
         if call.refused:
-            ts_of = {(f.device, f.seq): f.ts_us for group in groups.values() for f in group}
+            ts_of = {(f.device, f.seq): f.ts_us for f in frames}
             reply.refused.extend(
                 ingest_pb2.RefusedFrame(device_id=device, seq=seq,
                                         ts_us=ts_of.get((device, seq), 0), code=code)
@@ -181,22 +180,20 @@ class PushServicer(ingest_pb2_grpc.IngestServiceServicer):
         for code, n in statuses.items():
             if n:
                 reply.statuses[code] = n
-        reply.high_water.extend(high_water(groups, call.refused))
+        reply.high_water.extend(high_water(frames, call.refused))
         return reply
 
     def _admit(self, events: Sequence[Frame | DecodeError]
-               ) -> tuple[dict[int, list[Frame]], int, list[tuple[int, int, int, str]]]:
-        """The frames for the pipeline by device, each device's in order, each
-        asking for an ack, and how many; and the events refused here, as
-        (device, seq, ts_us, code)."""
+               ) -> tuple[list[Frame], list[tuple[int, int, int, str]]]:
+        """The frames for the pipeline, in request order, each asking for an
+        ack; and the events refused here, as (device, seq, ts_us, code)."""
         caller = current_caller()
         home = caller.tenant_id
         stats = self.pipeline.stats
         permitted: dict[int, bool] = {}
-        groups: dict[int, list[Frame]] = {}
-        count = 0
+        frames: list[Frame] = []
         refused: list[tuple[int, int, int, str]] = []
-        rewritten: list[tuple[list[Frame], int, bytes]] = []  # (group, index, with ACK_REQ)
+        rewritten: list[tuple[int, bytes]] = []  # (index in frames, the frame with ACK_REQ)
         for ev in events:
             if type(ev) is not Frame:
                 stats[ev.code] += 1
@@ -212,32 +209,26 @@ class PushServicer(ingest_pb2_grpc.IngestServiceServicer):
                 stats[FORBIDDEN] += 1
                 refused.append((ev.device, ev.seq, ev.ts_us, FORBIDDEN))
                 continue
-            group = groups.get(ev.device)
-            if group is None:
-                group = groups[ev.device] = []
             if not ev.ack_req:
                 raw = asking_for_ack(ev, self.pipeline.view.key(ev.device))
                 if raw is None:  # its key went away since the decode
                     refused.append((ev.device, ev.seq, ev.ts_us, "AUTH_FAILED"))
                     continue
-                rewritten.append((group, len(group), raw))
-            group.append(ev)
-            count += 1
+                rewritten.append((len(frames), raw))
+            frames.append(ev)
         denied = [t for t, ok in permitted.items() if not ok]
         if denied:
             log.warning("push: frames for tenants outside the caller's subtree refused",
                         extra={"caller": caller.subject, "home": home, "tenants": denied})
         if rewritten:
-            again = FrameDecoder(self.pipeline.view.key).feed(b"".join(r for _, _, r in rewritten))
-            for (group, index, _), ev in zip(rewritten, again, strict=True):
+            again = FrameDecoder(self.pipeline.view.key).feed(b"".join(r for _, r in rewritten))
+            for (index, _), ev in zip(rewritten, again, strict=True):
                 if type(ev) is Frame:
-                    group[index] = ev
+                    frames[index] = ev
                 else:  # its key changed since the first decode: the original stays out
-                    refused.append((ev.device, ev.seq, group[index].ts_us, ev.code))
-                    count -= 1
-            for device, group in groups.items():
-                groups[device] = [f for f in group if f.ack_req]
-        return groups, count, refused
+                    refused.append((ev.device, ev.seq, frames[index].ts_us, ev.code))
+            frames = [f for f in frames if f.ack_req]
+        return frames, refused
 
 
 def asking_for_ack(frame: Frame, keys: bytes | tuple[bytes, ...] | None) -> bytes | None:
@@ -261,15 +252,17 @@ def asking_for_ack(frame: Frame, keys: bytes | tuple[bytes, ...] | None) -> byte
     return bytes(raw)
 
 
-def high_water(groups: dict[int, list[Frame]], refused: Sequence[tuple[int, int, str]]
+def high_water(frames: Sequence[Frame], refused: Sequence[tuple[int, int, str]]
                ) -> list[ingest_pb2.HighWater]:
-    """Per device, the newest (ts_us, seq) among its frames stored or already stored."""
+    """Per device, the newest (ts_us, seq) among its frames stored or already
+    stored, in the order the devices first appear."""
     skip = {(device, seq) for device, seq, _ in refused}
-    marks = []
-    for device, group in groups.items():
-        kept = [f for f in group if (device, f.seq) not in skip] if skip else group
-        if kept:
-            f = max(kept, key=_NEWEST)
-            marks.append(ingest_pb2.HighWater(device_id=device, tenant_id=f.tenant, seq=f.seq,
-                                              ts_us=f.ts_us))
-    return marks
+    newest: dict[int, Frame] = {}
+    for f in frames:
+        if skip and (f.device, f.seq) in skip:
+            continue
+        best = newest.get(f.device)
+        if best is None or _NEWEST(f) > _NEWEST(best):
+            newest[f.device] = f
+    return [ingest_pb2.HighWater(device_id=d, tenant_id=f.tenant, seq=f.seq, ts_us=f.ts_us)
+            for d, f in newest.items()]

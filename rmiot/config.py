@@ -304,6 +304,7 @@ class SecurityConfig:
     tenant_rate_per_s: float = 2000.0
     audit_checkpoints: str = ""
     audit_checkpoint_interval_s: float = 600.0
+    audit_retention_days: int = 0
 
     def check(self) -> None:
         _at_least("security.password_max_age_days", self.password_max_age_days, 1)
@@ -313,6 +314,8 @@ class SecurityConfig:
         _at_least("security.caller_rate_per_s", self.caller_rate_per_s, 0.1)
         _at_least("security.tenant_rate_per_s", self.tenant_rate_per_s, 0.1)
         _at_least("security.audit_checkpoint_interval_s", self.audit_checkpoint_interval_s, 1)
+        if self.audit_retention_days:  # GB/T 22239-2019: access logs kept 180 days at least
+            _at_least("security.audit_retention_days", self.audit_retention_days, 180)
 
 
 @dataclass(frozen=True)

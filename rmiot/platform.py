@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from rmiot import db
+from rmiot.audit_retention import AuditRetention
 from rmiot.compliance_alarms import ComplianceAlarms
 from rmiot.config import Config
 from rmiot.db_metrics import DatabaseMetrics
@@ -178,6 +179,8 @@ class Platform:
         await self.query_jobs.start()
         self.ops_jobs = [MonthlyReports.of(self.cfg),  # after each month; compliance alarms
                          ComplianceAlarms(db.app_dsn(self.cfg), self.cfg.ops.job_period_s)]
+        if self.cfg.security.audit_retention_days:
+            self.ops_jobs.append(AuditRetention(self.cfg))
         for job in self.ops_jobs:
             await job.start()
         tiers = {f"/{query_service.SERVICE}/{name}": tier.value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -26,7 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmiot.config import Config
+from rmiot.audit_retention import AuditRetention
+from rmiot.config import Config, ConfigError
 from rmiot.security import audit, audit_cli
 from rmiot.security.audit import (
     GENESIS,
@@ -639,3 +641,24 @@ def test_record_defaults() -> None:
     assert rec.detail == {} and rec.patient is None
     assert canonical(rec, 1, GENESIS)[32:46] == b"rmiot.audit.1\x00"
     assert BASE_TS.tzinfo is UTC
+
+
+async def test_the_platform_applies_audit_retention_when_configured(
+        chain: str, base_cfg: Config, checkpoint_file: Path) -> None:
+    now = datetime.now(UTC)
+    log = AuditLog(chain)
+    await log.start()
+    for i, days in enumerate([400] * 5 + [1] * 3):
+        log.append(make_record(i, ts=now - timedelta(days=days, microseconds=i)))
+    await log.stop()
+    security = dataclasses.replace(base_cfg.security, audit_checkpoints=str(checkpoint_file))
+    keep_all = AuditRetention(dataclasses.replace(base_cfg, security=security))
+    await keep_all.tick()  # audit_retention_days = 0: nothing is dropped
+    assert keep_all.last is None and len(rows(chain, "SELECT id FROM audit_log")) == 8
+    job = AuditRetention(dataclasses.replace(base_cfg, security=dataclasses.replace(
+        security, audit_retention_days=180)))
+    await job.tick()
+    assert job.last is not None and job.last.removed == 5
+    assert verify(chain, checkpoint_file).ok
+    with pytest.raises(ConfigError, match="audit_retention_days"):
+        dataclasses.replace(security, audit_retention_days=30).check()

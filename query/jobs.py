@@ -14,36 +14,41 @@ import psycopg
 
 from rmiot import db
 from rmiot.config import Config
+from rmiot.periodic import PeriodicJob
 from rmiot.query import retention
 from rmiot.query.rollups import JobSettings, RollupJob
 
 log = logging.getLogger("rmiot.query.jobs")
 
 
+class Retention(PeriodicJob):
+    """Each tenant's retention_days, applied (``query.retention``)."""
+
+    name = "retention"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg.query.retention_period_s)
+        self.cfg = cfg
+
+    async def tick(self) -> None:
+        report = await asyncio.to_thread(retention.apply, db.admin_dsn(self.cfg))
+        if report.chunks_dropped or report.telemetry_deleted or report.rollups_deleted:
+            log.info("retention applied", extra={
+                "chunks_dropped": report.chunks_dropped,
+                "telemetry_deleted": report.telemetry_deleted,
+                "rollups_deleted": report.rollups_deleted})
+
+
 class QueryJobs:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.rollups = RollupJob(db.app_dsn(cfg), JobSettings.of(cfg.query))
-        self._retention: asyncio.Task[None] | None = None
+        self.retention = Retention(cfg)
         self._soon: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.rollups.start()
-        self._retention = asyncio.create_task(self._retain(), name="retention")
-
-    async def _retain(self) -> None:
-        while True:
-            try:
-                report = await asyncio.to_thread(retention.apply, db.admin_dsn(self.cfg))
-                if report.chunks_dropped or report.telemetry_deleted or report.rollups_deleted:
-                    log.info("retention applied", extra={
-                        "chunks_dropped": report.chunks_dropped,
-                        "telemetry_deleted": report.telemetry_deleted,
-                        "rollups_deleted": report.rollups_deleted})
-            except (psycopg.Error, OSError) as exc:
-                log.warning("retention failed; retrying next period",
-                            extra={"error": str(exc).strip()})
-            await asyncio.sleep(self.cfg.query.retention_period_s)
+        await self.retention.start()
 
     def refresh_soon(self, delay_s: float = 3.0) -> None:
         """One rollup run ``delay_s`` from now, outside the period: after a
@@ -64,8 +69,4 @@ class QueryJobs:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._soon
         await self.rollups.stop()
-        if self._retention is not None:
-            self._retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention
-            self._retention = None
+        await self.retention.stop()

@@ -50,6 +50,7 @@ from typing import Any
 import psycopg
 
 from rmiot.config import QueryConfig
+from rmiot.periodic import PeriodicJob
 from rmiot.query import calendar
 from rmiot.query import rollup_sql as sql
 
@@ -99,35 +100,21 @@ class RunReport:
     as_of: dict[str, dt.datetime] = field(default_factory=dict)
 
 
-class RollupJob:
+class RollupJob(PeriodicJob):
     """Keeps the rollups current: :meth:`run_once` now, or every
-    ``period_s`` between :meth:`start` and :meth:`stop`."""
+    ``period_s`` between :meth:`start` and :meth:`stop` (a failed run is
+    redone next period: nothing was consumed)."""
+
+    name = "rollup-job"
 
     def __init__(self, dsn: str, settings: JobSettings | None = None) -> None:
         self.dsn = dsn
         self.settings = settings or JobSettings()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(self.settings.period_s)
         self.last: RunReport | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="rollup-job")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                self.last = await self.run_once()
-            except (psycopg.Error, OSError) as exc:
-                # The next run redoes what this one could not: nothing was consumed.
-                log.warning("rollup run failed; retrying next period",
-                            extra={"error": str(exc).strip()})
-            await asyncio.sleep(self.settings.period_s)
+    async def tick(self) -> None:
+        self.last = await self.run_once()
 
     async def run_once(self) -> RunReport:
         """One run (see the module docstring); ``ran`` is False when another

@@ -15,13 +15,14 @@ movement (actor ``rtls``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+
+from rmiot.periodic import PeriodicJob
 
 log = logging.getLogger("rmiot.registry.ops_tracker")
 
@@ -88,14 +89,15 @@ def refresh(conn: psycopg.Connection[Any], device_ids: Sequence[int],
     return cur.rowcount
 
 
-class StatusTracker:
+class StatusTracker(PeriodicJob):
     """Refreshes the devices seen since the last pass, every ``period_s``."""
 
+    name = "status-tracker"
+
     def __init__(self, dsn: str, period_s: float = 5.0, lookback_s: float = 900.0) -> None:
+        super().__init__(period_s)
         self.dsn = dsn
-        self.period_s = period_s
         self.lookback = dt.timedelta(seconds=lookback_s)
-        self._task: asyncio.Task[None] | None = None
 
     def run_once(self) -> int:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -112,20 +114,5 @@ class StatusTracker:
                          (MARK, newest))
         return done
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="rmiot-status-tracker")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.to_thread(self.run_once)
-            except psycopg.Error as exc:
-                log.warning("device status refresh failed: %s", exc)
-            await asyncio.sleep(self.period_s)
+    async def tick(self) -> None:
+        await asyncio.to_thread(self.run_once)
